@@ -1,0 +1,30 @@
+"""Packaging for procfleet: the per-host exporter and the fleet query service."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="procfleet",
+    version="0.1.0",
+    description="Per-host process exporter and fleet-wide process query service",
+    python_requires=">=3.11",
+    packages=find_packages(include=["exporter", "exporter.*", "query", "query.*", "procfleet_cli", "procfleet_cli.*"]),
+    include_package_data=True,
+    package_data={"exporter": ["*.html"], "query": ["*.json"]},
+    install_requires=[
+        "falcon>=4.0,<5",
+        "waitress>=3.0,<4",
+        "prometheus-client>=0.20,<1",
+        "psutil>=5.9,<8",
+        "pyyaml>=6.0,<7",
+        "aiohttp>=3.9,<4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6", "requests>=2.31"],
+    },
+    entry_points={
+        "console_scripts": [
+            "procfleet-exporter=exporter.__main__:main",
+            "procfleet-query=query.__main__:main",
+        ],
+    },
+)
