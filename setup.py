@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Per-host process exporter and fleet-wide process query service",
     python_requires=">=3.11",
-    packages=find_packages(include=["exporter", "exporter.*", "query", "query.*", "procfleet_cli", "procfleet_cli.*"]),
+    packages=find_packages(include=["procfleet", "procfleet.*", "exporter", "exporter.*", "query", "query.*"]),
     include_package_data=True,
     package_data={"exporter": ["*.html"], "query": ["*.json"]},
     install_requires=[
