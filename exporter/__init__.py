@@ -1,0 +1,1 @@
+"""procfleet's per-host exporter: Prometheus process metrics and JSON PID lookups."""
