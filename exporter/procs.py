@@ -336,7 +336,8 @@ class PsutilReader:
                 )
                 sample.uid = _maybe(lambda: proc.uids().real)
                 if cmdline:
-                    sample.cmdline = _maybe(proc.cmdline)
+                    # A zombie has no argv left; /proc shows it empty, psutil raises.
+                    sample.cmdline = [] if sample.state == "Z" else _maybe(proc.cmdline)
                 if detail:
                     ctx = _maybe(proc.num_ctx_switches)
                     if ctx is not None:

@@ -1,0 +1,94 @@
+"""Command line: `procfleet-exporter [--config FILE] [--listen HOST:PORT] [--hostname NAME]`."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import secrets
+import sys
+
+from procfleet import __version__
+from procfleet.configcheck import ConfigError
+from procfleet.logs import setup_logging
+from procfleet.serve import ListenError, parse_listen, serve
+
+log = logging.getLogger("procfleet.exporter")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="procfleet-exporter",
+        description="Per-host process exporter: Prometheus metrics of process groups at "
+                    "/metrics and fresh JSON lookups at /process/{pid}.",
+        epilog="Flags beat the config file; the file beats built-in defaults. "
+               "'procfleet-exporter token' prints a new bearer token and its config lines.",
+    )
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML configuration (default: built-in defaults, see "
+                             "config/exporter.yml)")
+    parser.add_argument("--listen", metavar="HOST:PORT",
+                        help="address to serve on (default 127.0.0.1:9256; loopback because "
+                             "command lines are sensitive)")
+    parser.add_argument("--hostname", metavar="NAME",
+                        help="host name this exporter reports (default: the system's)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="log verbosity (default: info, or log_level from the file)")
+    parser.add_argument("--threads", type=int, default=4, metavar="N",
+                        help="request worker threads (default 4)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def token_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="procfleet-exporter token",
+        description="Print a new random bearer token once, and the config lines that hold "
+                    "only its SHA-256.")
+    parser.parse_args(argv)
+    token = secrets.token_urlsafe(32)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    print(f"token (shown once; give it to the query service and Prometheus): {token}")
+    print("exporter config:")
+    print("auth:")
+    print(f"  token_sha256: {digest}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["token"]:
+        return token_command(argv[1:])
+    args = build_parser().parse_args(argv)
+    # Imported here so `--help` and `token` work even where psutil cannot load.
+    from exporter.app import create_app
+    from exporter.config import Config, load, valid_hostname
+
+    try:
+        config = load(args.config) if args.config else Config()
+        listen = parse_listen(args.listen) if args.listen else None
+    except (ConfigError, ListenError) as exc:
+        print(f"procfleet-exporter: {exc}", file=sys.stderr)
+        return 2
+    if args.hostname is not None:
+        if not valid_hostname(args.hostname):
+            print("procfleet-exporter: --hostname must be letters, digits, '-', '_' and '.'",
+                  file=sys.stderr)
+            return 2
+    config = config.with_overrides(listen=listen, hostname=args.hostname)
+    setup_logging(args.log_level or config.log_level)
+    log.info("starting exporter version %s for host %s (config: %s, token auth: %s)",
+             __version__, config.hostname, config.source,
+             "on" if config.auth.enabled else "off")
+    app = create_app(config)
+    host, port = config.listen
+    try:
+        serve(app, host, port, logger=log, name="procfleet-exporter", threads=args.threads)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The exporter's Falcon app: `create_app(config)` wires the resources to their collaborators."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import html
+import logging
+from importlib import resources
+
+import falcon
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from exporter.collector import ProcessCollector
+from exporter.config import Config
+from exporter.lookup import MAX_LIMIT, SORT_KEYS, ListQuery, ProcessLookup
+from exporter.procs import ProcessGone, Reader, UserNames, make_reader
+from procfleet import __version__
+from procfleet.web import install_error_handling, pid_or_400
+
+log = logging.getLogger("procfleet.exporter")
+
+OPEN_PATHS = frozenset({"/", "/healthz"})
+
+
+class TokenAuth:
+    """Middleware: every path but the open ones needs `Authorization: Bearer <token>`."""
+
+    def __init__(self, token_sha256: str, *, protect_metrics: bool) -> None:
+        self._digest = bytes.fromhex(token_sha256)
+        self._open = OPEN_PATHS if protect_metrics else OPEN_PATHS | {"/metrics"}
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if req.path in self._open:
+            return
+        scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
+        presented = hashlib.sha256(token.strip().encode()).digest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self._digest):
+            raise falcon.HTTPUnauthorized(
+                title="unauthorized",
+                description="this exporter needs 'Authorization: Bearer <token>'",
+                challenges=["Bearer"],
+            )
+
+
+class LandingResource:
+    def __init__(self, hostname: str) -> None:
+        template = resources.files("exporter").joinpath("landing.html").read_text("utf-8")
+        self._page = template.replace("{hostname}", html.escape(hostname)).replace(
+            "{version}", html.escape(__version__)).replace("{{pid}}", "{pid}")
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_HTML
+        resp.text = self._page
+
+
+class HealthResource:
+    def __init__(self, hostname: str) -> None:
+        self._body = {"status": "ok", "hostname": hostname, "version": __version__}
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = self._body
+
+
+class ProcessResource:
+    """GET /process/{pid}: one process, read now."""
+
+    def __init__(self, lookup: ProcessLookup) -> None:
+        self._lookup = lookup
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, pid: str) -> None:
+        number = pid_or_400(pid)
+        try:
+            info = self._lookup.get(number)
+        except ProcessGone:
+            raise falcon.HTTPNotFound(
+                title="process not found", description=f"no process with pid {number}"
+            ) from None
+        resp.media = info.to_json()
+
+
+class ProcessListResource:
+    """GET /process: every process, filtered and optionally sorted into a top-N."""
+
+    def __init__(self, lookup: ProcessLookup, hostname: str) -> None:
+        self._lookup = lookup
+        self._hostname = hostname
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        query = parse_list_query(req)
+        found = self._lookup.list(query)
+        resp.media = {"hostname": self._hostname, "processes": [p.to_json() for p in found]}
+
+
+def parse_list_query(req: falcon.Request) -> ListQuery:
+    """Validate ?name, ?user, ?sort and ?limit, naming the bad parameter in the 400."""
+    sort = req.get_param("sort")
+    if sort is not None and sort not in SORT_KEYS:
+        raise falcon.HTTPBadRequest(
+            title="invalid parameter",
+            description=f"sort must be one of {', '.join(SORT_KEYS)}, got {sort[:32]!r}",
+        )
+    limit_text = req.get_param("limit")
+    limit = None
+    if limit_text is not None:
+        if not limit_text.isdigit() or not limit_text.isascii() or not (
+            1 <= int(limit_text) <= MAX_LIMIT
+        ):
+            raise falcon.HTTPBadRequest(
+                title="invalid parameter",
+                description=f"limit must be an integer from 1 to {MAX_LIMIT}, "
+                            f"got {limit_text[:32]!r}",
+            )
+        limit = int(limit_text)
+    name = req.get_param("name")
+    user = req.get_param("user")
+    for key, value in (("name", name), ("user", user)):
+        if value is not None and (not value or len(value) > 256):
+            raise falcon.HTTPBadRequest(
+                title="invalid parameter", description=f"{key} must be 1 to 256 characters"
+            )
+    return ListQuery(name=name, user=user, sort=sort, limit=limit)
+
+
+class MetricsResource:
+    """GET /metrics: the private registry in whichever exposition format the scraper asks."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        encoder, content_type = choose_encoder(req.get_header("Accept") or "")
+        resp.data = encoder(self._registry)
+        resp.content_type = content_type
+
+
+def create_app(config: Config, *, reader: Reader | None = None,
+               registry: CollectorRegistry | None = None) -> falcon.App:
+    """Build the exporter app. Tests pass their own reader or registry."""
+    reader = reader or make_reader(config.reader)
+    user_names = UserNames()
+    if registry is None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ProcessCollector(reader, config.groups, config.metrics,
+                                           version=__version__, user_name=user_names))
+    middleware = []
+    if config.auth.enabled:
+        middleware.append(TokenAuth(config.auth.token_sha256 or "",
+                                    protect_metrics=config.auth.protect_metrics))
+    app = falcon.App(middleware=middleware)
+    app.req_options.strip_url_path_trailing_slash = True
+    install_error_handling(app, log)
+    lookup = ProcessLookup(reader, config.masker, user_names)
+    app.add_route("/", LandingResource(config.hostname))
+    app.add_route("/healthz", HealthResource(config.hostname))
+    app.add_route("/process", ProcessListResource(lookup, config.hostname))
+    app.add_route("/process/{pid}", ProcessResource(lookup))
+    app.add_route("/metrics", MetricsResource(registry))
+    return app

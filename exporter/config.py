@@ -1,0 +1,159 @@
+"""Exporter configuration: `load(path) -> Config`, every problem named by key path at once."""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from exporter.collector import MetricsOptions, parse_metrics_options
+from exporter.groups import GroupMatcher, parse_groups
+from exporter.masking import DEFAULT_PATTERNS, DEFAULT_SECRET_FLAGS, Masker, check_pattern
+from procfleet.configcheck import ConfigError, Problems, read_yaml
+from procfleet.serve import ListenError, parse_listen
+
+DEFAULT_LISTEN = "127.0.0.1:9256"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer-token protection. Only the token's SHA-256 is kept."""
+
+    token_sha256: str | None = None
+    protect_metrics: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.token_sha256 is not None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the exporter needs to start; built-in defaults work on one machine."""
+
+    listen: tuple[str, int] = ("127.0.0.1", 9256)
+    hostname: str = field(default_factory=socket.gethostname)
+    reader: str = "auto"
+    log_level: str = "info"
+    auth: AuthConfig = AuthConfig()
+    masker: Masker = field(default_factory=Masker.build)
+    groups: tuple[GroupMatcher, ...] = field(default_factory=lambda: parse_groups(None, Problems()))
+    metrics: MetricsOptions = MetricsOptions()
+    source: str = "built-in defaults"
+
+    def with_overrides(self, *, listen: tuple[str, int] | None = None,
+                       hostname: str | None = None) -> Config:
+        """Command-line flags beat the file."""
+        changes: dict[str, Any] = {}
+        if listen is not None:
+            changes["listen"] = listen
+        if hostname is not None:
+            changes["hostname"] = hostname
+        return replace(self, **changes)
+
+
+def valid_hostname(name: str) -> bool:
+    """Host names as the query service's targets accept them: letters, digits, '-', '_', '.'."""
+    return bool(_HOSTNAME.fullmatch(name)) and len(name) <= 253
+
+
+_TOP_KEYS = {"listen", "hostname", "reader", "log_level", "auth", "masking", "groups", "metrics"}
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate the YAML at `path`; raise ConfigError listing every problem."""
+    raw = read_yaml(path)
+    return from_mapping(raw, source=str(path))
+
+
+def from_mapping(raw: Any, *, source: str = "<config>") -> Config:
+    """Validate an already parsed YAML document (see `load`)."""
+    problems = Problems()
+    data = problems.mapping(raw, "")
+    problems.unknown_keys(data, _TOP_KEYS, "")
+
+    listen = ("127.0.0.1", 9256)
+    listen_text = problems.typed(data, "listen", str, DEFAULT_LISTEN, "")
+    try:
+        listen = parse_listen(listen_text)
+    except ListenError as exc:
+        problems.add("listen", str(exc))
+
+    hostname = problems.typed(data, "hostname", str, None, "") or socket.gethostname()
+    if not valid_hostname(hostname):
+        problems.add("hostname", "must be letters, digits, '-', '_' and '.'")
+
+    reader = problems.typed(data, "reader", str, "auto", "")
+    if reader not in ("auto", "procfs", "psutil"):
+        problems.add("reader", f"must be auto, procfs or psutil, got {reader!r}")
+
+    log_level = problems.typed(data, "log_level", str, "info", "")
+    if log_level not in _LOG_LEVELS:
+        problems.add("log_level", f"must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+
+    auth = _auth(problems.mapping(data.get("auth"), "auth"), problems)
+    masker = _masking(problems.mapping(data.get("masking"), "masking"), problems)
+    groups = parse_groups(data.get("groups"), problems, "groups")
+    metrics = parse_metrics_options(data.get("metrics"), problems, "metrics")
+
+    problems.raise_if_any(source)
+    return Config(listen=listen, hostname=hostname, reader=reader, log_level=log_level,
+                  auth=auth, masker=masker, groups=groups, metrics=metrics, source=source)
+
+
+def _auth(data: Any, problems: Problems) -> AuthConfig:
+    problems.unknown_keys(data, {"token_sha256", "protect_metrics"}, "auth")
+    digest = problems.typed(data, "token_sha256", str, None, "auth")
+    if digest is not None and not _SHA256_HEX.fullmatch(digest):
+        problems.add("auth.token_sha256", "must be 64 lowercase hex digits (sha256 of the token)")
+        digest = None
+    protect = problems.typed(data, "protect_metrics", bool, True, "auth")
+    return AuthConfig(token_sha256=digest, protect_metrics=protect)
+
+
+def _masking(data: Any, problems: Problems) -> Masker:
+    problems.unknown_keys(data, {"enabled", "patterns", "extra_patterns", "secret_flags"},
+                          "masking")
+    enabled = problems.typed(data, "enabled", bool, True, "masking")
+    patterns = list(_regex_list(data, "patterns", problems, value_group=True)
+                    or DEFAULT_PATTERNS)
+    patterns += _regex_list(data, "extra_patterns", problems, value_group=True)
+    flags = _regex_list(data, "secret_flags", problems, value_group=False)
+    if "secret_flags" not in data:
+        flags = list(DEFAULT_SECRET_FLAGS)
+    try:
+        return Masker.build(patterns, flags, enabled)
+    except re.error:
+        return Masker.build()  # already reported by _regex_list
+
+
+def _regex_list(data: Any, key: str, problems: Problems, *, value_group: bool) -> list[str]:
+    items = problems.typed(data, key, list, [], "masking")
+    good: list[str] = []
+    for i, item in enumerate(items):
+        where = f"masking.{key}[{i}]"
+        if not isinstance(item, str):
+            problems.add(where, f"must be a string, got {type(item).__name__}")
+            continue
+        if value_group:
+            why = check_pattern(item)
+        else:
+            try:
+                re.compile(item)
+                why = None
+            except re.error as exc:
+                why = f"invalid regex: {exc}"
+        if why:
+            problems.add(where, why)
+        else:
+            good.append(item)
+    return good
+
+
+__all__ = ["AuthConfig", "Config", "ConfigError", "DEFAULT_LISTEN", "from_mapping", "load",
+           "valid_hostname"]

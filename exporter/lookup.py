@@ -1,0 +1,69 @@
+"""PID lookups and filtered listings, read fresh at request time. Knows nothing of HTTP."""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from exporter.procs import ProcessGone, ProcessInfo, Reader, UserNames, to_info
+
+SORT_KEYS: dict[str, Callable[[ProcessInfo], float]] = {
+    "cpu": lambda p: p.cpu_percent or 0.0,
+    "mem": lambda p: p.mem_percent or 0.0,
+    "rss": lambda p: float(p.mem_rss or 0),
+    # Newest first: "what just started?" is the question a top-N by start answers.
+    "start": lambda p: p.start_time or "",  # type: ignore[dict-item]
+}
+MAX_LIMIT = 100_000
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """Filters of GET /process: name (exact or glob), user, sort key and limit."""
+
+    name: str | None = None
+    user: str | None = None
+    sort: str | None = None
+    limit: int | None = None
+
+
+class ProcessLookup:
+    """Reads one process, or all, into the API's process objects."""
+
+    def __init__(self, reader: Reader, mask: Callable[[Sequence[str]], list[str]],
+                 user_names: UserNames | None = None) -> None:
+        self.reader = reader
+        self.mask = mask
+        self.user_names = user_names or UserNames()
+
+    def get(self, pid: int) -> ProcessInfo:
+        """The process with this pid; ProcessGone when there is none."""
+        sample = self.reader.sample(pid)
+        return to_info(sample, system=self.reader.system, user_name=self.user_names,
+                       mask=self.mask)
+
+    def list(self, query: ListQuery) -> list[ProcessInfo]:
+        now = time.time()
+        glob = query.name is not None and any(c in query.name for c in "*?[")
+        found: list[ProcessInfo] = []
+        for pid in self.reader.pids():
+            try:
+                sample = self.reader.sample(pid)
+            except ProcessGone:
+                continue
+            info = to_info(sample, system=self.reader.system, user_name=self.user_names,
+                           mask=self.mask, now=now)
+            if query.name is not None:
+                name = info.name or ""
+                if not (fnmatch.fnmatchcase(name, query.name) if glob else name == query.name):
+                    continue
+            if query.user is not None and info.user != query.user:
+                continue
+            found.append(info)
+        if query.sort is not None:
+            found.sort(key=SORT_KEYS[query.sort], reverse=True)
+        else:
+            found.sort(key=lambda p: p.pid)
+        return found[: query.limit] if query.limit is not None else found

@@ -1,0 +1,193 @@
+"""GET /process/{pid} and GET /process against real child processes, checked with psutil."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import time
+from datetime import UTC, datetime
+
+import falcon.testing
+import psutil
+import pytest
+from exporter_testing import SPINNER, wait_until
+
+from exporter.app import create_app
+from exporter.config import Config
+from exporter.procs import ProcfsReader, PsutilReader
+
+READERS = {"procfs": ProcfsReader, "psutil": PsutilReader}
+
+
+@pytest.fixture(params=sorted(READERS))
+def client(request: pytest.FixtureRequest) -> falcon.testing.TestClient:
+    """The app over each reader: the /proc fast path must agree with psutil's."""
+    return falcon.testing.TestClient(create_app(Config(), reader=READERS[request.param]()))
+
+
+def rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(int(epoch), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_fields_match_psutil_and_proc(client, children, marker):
+    child = children.spawn(marker, "--password=hunter2", "postgres://bob:s3cret@db/x")
+    got = client.simulate_get(f"/process/{child.pid}")
+    assert got.status_code == 200
+    body = got.json
+    ref = psutil.Process(child.pid)
+    with ref.oneshot():
+        times, create = ref.cpu_times(), ref.create_time()
+        expected_cpu = 100 * (times.user + times.system) / (time.time() - create)
+        assert body["pid"] == child.pid
+        assert body["name"] == ref.name()
+        assert body["user"] == pwd.getpwuid(ref.uids().real).pw_name
+        assert body["state"] == "sleep"
+        assert body["cpu_percent"] == pytest.approx(expected_cpu, abs=5)
+        assert body["mem_rss"] == pytest.approx(ref.memory_info().rss, rel=0.05)
+        assert body["mem_percent"] == pytest.approx(ref.memory_percent(), abs=0.02)
+        assert body["start_time"] == rfc3339(create)
+    argv = ref.cmdline()
+    assert body["command"] == " ".join(
+        argv[:-2] + ["--password=***", "postgres://bob:***@db/x"])
+    # The raw /proc view agrees on pid, comm and state letter.
+    with open(f"/proc/{child.pid}/stat", "rb") as f:
+        stat = f.read()
+    assert stat.split()[0] == str(child.pid).encode()
+    assert stat[stat.find(b"(") + 1: stat.rfind(b")")].decode() == body["name"][:15]
+    assert set(body) == {"pid", "name", "user", "state", "cpu_percent", "mem_percent",
+                         "mem_rss", "command", "start_time"}
+
+
+def test_busy_child_lifetime_cpu_percent(client, children, marker):
+    child = children.spawn(marker, code=SPINNER)
+    time.sleep(0.6)
+    body = client.simulate_get(f"/process/{child.pid}").json
+    ref = psutil.Process(child.pid)
+    t = ref.cpu_times()
+    expected = 100 * (t.user + t.system) / (time.time() - ref.create_time())
+    assert body["state"] == "running"
+    assert expected > 20
+    assert body["cpu_percent"] == pytest.approx(expected, rel=0.25)
+
+
+def test_not_found_after_exit(client, children, marker):
+    child = children.spawn(marker)
+    assert client.simulate_get(f"/process/{child.pid}").status_code == 200
+    child.kill()
+    child.wait(timeout=10)
+    got = client.simulate_get(f"/process/{child.pid}")
+    assert got.status_code == 404
+    assert got.json == {"error": "process not found",
+                        "details": f"no process with pid {child.pid}", "code": 404}
+
+
+@pytest.mark.parametrize("pid", ["0", "-1", "abc", "1.5", "+7", "0x10", "2147483648",
+                                 "99999999999999999999", "%201", "1%00", "\u0661"])
+def test_bad_pid_is_400(client, pid):
+    got = client.simulate_get(f"/process/{pid}")
+    assert got.status_code == 400
+    assert got.json["code"] == 400
+    assert got.json["error"] == "invalid pid"
+    assert got.json["details"]
+
+
+def test_max_pid_is_valid_but_absent(client):
+    got = client.simulate_get("/process/2147483647")
+    assert got.status_code == 404
+
+
+def test_user_without_name_is_uid(client, children, marker):
+    uid = 54321
+    assert not any(p.pw_uid == uid for p in pwd.getpwall())
+    # The test's own Python may sit in a directory that uid cannot enter; sleep can run.
+    child = children.spawn_argv(["sleep", "600"], user=uid)
+    body = client.simulate_get(f"/process/{child.pid}").json
+    assert body["user"] == str(uid)
+
+
+def test_stopped_and_zombie_states(client, children, marker):
+    stopped = children.spawn(marker, "stopped")
+    os.kill(stopped.pid, signal.SIGSTOP)
+    wait_until(lambda: psutil.Process(stopped.pid).status() == psutil.STATUS_STOPPED,
+               what="child to stop")
+    assert client.simulate_get(f"/process/{stopped.pid}").json["state"] == "stop"
+
+    dead = children.spawn(marker, "zombie")
+    dead.send_signal(signal.SIGKILL)  # not reaped: stays a zombie until the fixture waits
+    wait_until(lambda: psutil.Process(dead.pid).status() == psutil.STATUS_ZOMBIE,
+               what="child to become a zombie")
+    body = client.simulate_get(f"/process/{dead.pid}").json
+    assert body["state"] == "zombie"
+    assert body["command"] == ""
+
+
+def test_kernel_thread_has_empty_command(client):
+    kthreadd = psutil.Process(2)
+    assert kthreadd.name() == "kthreadd"
+    body = client.simulate_get("/process/2").json
+    assert body["name"] == "kthreadd"
+    assert body["command"] == ""
+
+
+def test_long_name_completed_from_argv(client, children, tmp_path, marker):
+    long_name = "procfleet-long-process-name"
+    link = tmp_path / long_name
+    link.symlink_to(os.path.realpath(os.sys.executable))
+    child = children.spawn(marker, executable=str(link))
+    # The kernel keeps 15 bytes of comm; the API completes it from argv[0] as psutil does.
+    body = client.simulate_get(f"/process/{child.pid}").json
+    assert body["name"] == psutil.Process(child.pid).name()
+
+
+def test_masking_can_be_turned_off(children, marker):
+    from exporter.config import from_mapping
+
+    app = create_app(from_mapping({"masking": {"enabled": False}}))
+    child = children.spawn(marker, "--password=hunter2")
+    body = falcon.testing.TestClient(app).simulate_get(f"/process/{child.pid}").json
+    assert body["command"].endswith("--password=hunter2")
+
+
+def test_list_filters_sort_and_limit(client, children, marker):
+    kids = [children.spawn(marker, str(i)) for i in range(3)]
+    busy = children.spawn(marker, "busy", code=SPINNER)
+    time.sleep(0.3)
+    name = psutil.Process(kids[0].pid).name()
+    body = client.simulate_get("/process", params={"name": name}).json
+    pids = {p["pid"] for p in body["processes"]}
+    assert {k.pid for k in kids} | {busy.pid} <= pids
+    assert all(p["name"] == name for p in body["processes"])
+    assert body["hostname"]
+
+    glob = client.simulate_get("/process", params={"name": name[:3] + "*"}).json
+    assert {k.pid for k in kids} <= {p["pid"] for p in glob["processes"]}
+
+    top = client.simulate_get("/process", params={"sort": "cpu", "limit": "1"}).json
+    assert len(top["processes"]) == 1
+    assert top["processes"][0]["cpu_percent"] >= max(
+        p["cpu_percent"] for p in body["processes"])
+
+    newest = client.simulate_get("/process", params={"sort": "start", "limit": "2"}).json
+    starts = [p["start_time"] for p in newest["processes"]]
+    assert starts == sorted(starts, reverse=True)
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    mine = client.simulate_get("/process", params={"user": me}).json["processes"]
+    assert mine and all(p["user"] == me for p in mine)
+    nobody = client.simulate_get("/process", params={"user": "no-such-user-x"}).json
+    assert nobody["processes"] == []
+
+
+@pytest.mark.parametrize("params, needle", [
+    ({"sort": "bogus"}, "sort"),
+    ({"limit": "0"}, "limit"),
+    ({"limit": "-3"}, "limit"),
+    ({"limit": "ten"}, "limit"),
+    ({"limit": "999999999"}, "limit"),
+    ({"name": ""}, "name"),
+])
+def test_list_bad_parameters(client, params, needle):
+    got = client.simulate_get("/process", params=params, params_csv=False)
+    assert got.status_code == 400, got.text
+    assert needle in got.json["details"]
