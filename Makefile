@@ -34,7 +34,7 @@ debs: ## Install the Debian packages tests and benchmarks need (prometheus, prom
 
 .PHONY: run
 run: install ## Run an exporter and the query service on this host with built-in defaults
-	$(VENV)/bin/procfleet-exporter
+	$(PY) -m procfleet.runlocal
 
 .PHONY: test
 test: install debs ## Run the whole test suite (fails when any test fails)
