@@ -7,7 +7,9 @@ setup(
     version="0.1.0",
     description="Per-host process exporter and fleet-wide process query service",
     python_requires=">=3.11",
-    packages=find_packages(include=["procfleet", "procfleet.*", "exporter", "exporter.*", "query", "query.*"]),
+    packages=find_packages(
+        include=["procfleet", "procfleet.*", "exporter", "exporter.*", "query", "query.*"]
+    ),
     include_package_data=True,
     package_data={"exporter": ["*.html"], "query": ["*.json"]},
     install_requires=[
@@ -25,6 +27,7 @@ setup(
         "console_scripts": [
             "procfleet-exporter=exporter.__main__:main",
             "procfleet-query=query.__main__:main",
+            "procfleet=procfleet.cli:main",
         ],
     },
 )
