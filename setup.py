@@ -11,7 +11,7 @@ setup(
         include=["procfleet", "procfleet.*", "exporter", "exporter.*", "query", "query.*"]
     ),
     include_package_data=True,
-    package_data={"exporter": ["*.html"], "query": ["*.json"]},
+    package_data={"exporter": ["*.html", "*.json"], "query": ["*.json"]},
     install_requires=[
         "falcon>=4.0,<5",
         "waitress>=3.0,<4",

@@ -123,6 +123,17 @@ def parse_list_query(req: falcon.Request) -> ListQuery:
     return ListQuery(name=name, user=user, sort=sort, limit=limit)
 
 
+class OpenApiResource:
+    """GET /openapi.json: the exporter's API contract, as shipped in the package."""
+
+    def __init__(self) -> None:
+        self._doc = resources.files("exporter").joinpath("openapi.json").read_bytes()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self._doc
+
+
 class MetricsResource:
     """GET /metrics: the private registry in whichever exposition format the scraper asks."""
 
@@ -157,4 +168,6 @@ def create_app(config: Config, *, reader: Reader | None = None,
     app.add_route("/process", ProcessListResource(lookup, config.hostname))
     app.add_route("/process/{pid}", ProcessResource(lookup))
     app.add_route("/metrics", MetricsResource(registry))
+    if resources.files("exporter").joinpath("openapi.json").is_file():
+        app.add_route("/openapi.json", OpenApiResource())
     return app
