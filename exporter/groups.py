@@ -1,0 +1,297 @@
+"""Process groups: which group a process belongs to, in process-exporter's `process_names` format.
+
+Each item of the exporter config's `groups:` list is a recipe, exactly as in
+ncabatoff/process-exporter, so an existing `process_names:` list can be pasted in unchanged:
+
+    groups:
+      - comm: [bash, sshd]                 # any of these comm values (/proc/PID/stat, 15 chars)
+      - exe: [postgres, /usr/bin/node]     # argv[0]: by basename, or the exact path if it has a /
+      - name: "java:{{.Matches.app}}"      # cmdline regexes: all must match; named captures
+        cmdline: ['-jar\\s+(?P<app>[^/ ]+)\\.jar']
+
+Selectors within one item must all match; the first item that matches a process names it.
+`name` is a template (default `{{.ExeBase}}`) over `{{.Comm}}`, `{{.ExeBase}}`,
+`{{.ExeFull}}`, `{{.Username}}`, `{{.Matches.NAME}}`, `{{.PID}}` and `{{.StartTime}}`.
+Without a `groups:` key every process, kernel threads included, is grouped by its comm.
+
+A process's group is decided once per incarnation (pid, start time), on first sight.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from exporter.procs import Sample
+from procfleet.configcheck import Problems
+
+DEFAULT_NAME = "{{.ExeBase}}"
+_ITEM_KEYS = {"name", "comm", "exe", "cmdline"}
+_FIELDS = ("Comm", "ExeBase", "ExeFull", "Username", "PID", "StartTime")
+_ACTION = re.compile(r"\{\{-?\s*(.*?)\s*-?\}\}", re.S)
+_FIELD_REF = re.compile(r"\.(\w+)(?:\.(\w+))?")
+# Go 1.22 also accepts (?<name>...); Python spells it (?P<name>...).
+_GO_NAMED_GROUP = re.compile(r"(?<!\\)\(\?<(?=[A-Za-z_])")
+_NO_VALUE = "<no value>"  # what Go's text/template prints for a missing map key
+
+
+@dataclass(frozen=True)
+class _Template:
+    """A Go text/template restricted to field references: literal and field parts."""
+
+    source: str
+    # (literal, None), (field, "") or ("Matches", map key, "" for the whole map)
+    parts: tuple[tuple[str, str | None], ...]
+
+    @property
+    def fields(self) -> frozenset[str]:
+        return frozenset(text for text, key in self.parts if key is not None)
+
+    def render(self, values: Mapping[str, Any], matches: Mapping[str, str]) -> str:
+        out = []
+        for text, key in self.parts:
+            if key is None:
+                out.append(text)
+            elif text == "Matches":
+                out.append(matches.get(key, _NO_VALUE) if key else _go_map(matches))
+            else:
+                out.append(str(values[text]))
+        return "".join(out)
+
+
+def _go_map(matches: Mapping[str, str]) -> str:
+    return "map[" + " ".join(f"{k}:{v}" for k, v in sorted(matches.items())) + "]"
+
+
+def _parse_template(source: str) -> tuple[_Template | None, str | None]:
+    """(template, None), or (None, why) when it uses more than plain field references."""
+    parts: list[tuple[str, str | None]] = []
+    at = 0
+    for action in _ACTION.finditer(source):
+        if action.start() > at:
+            parts.append((source[at:action.start()], None))
+        ref = _FIELD_REF.fullmatch(action.group(1))
+        if ref is None:
+            return None, (f"unsupported template action {action.group(0)!r}: only field "
+                          f"references like {{{{.Comm}}}} or {{{{.Matches.NAME}}}} are supported")
+        name, key = ref.group(1), ref.group(2)
+        if name == "Matches":
+            parts.append(("Matches", key or ""))
+        elif name in _FIELDS and key is None:
+            parts.append((name, ""))
+        else:
+            known = ", ".join(f".{f}" for f in (*_FIELDS, "Matches.NAME"))
+            return None, f"unknown template field {action.group(0)!r} (known: {known})"
+        at = action.end()
+    rest = source[at:]
+    if "{{" in rest or "}}" in rest:
+        return None, "unbalanced '{{' or '}}' in template"
+    if rest:
+        parts.append((rest, None))
+    return _Template(source, tuple(parts)), None
+
+
+@dataclass(frozen=True)
+class GroupMatcher:
+    """One `groups:` item: selectors that must all match, and a name template.
+
+    `comm` is a set of exact comm values; `exe` maps an argv[0] basename to the full path it
+    must equal ("" when the basename alone is enough); `cmdline` regexes are searched in
+    argv joined by spaces. A matcher with no selector at all matches every process.
+    """
+
+    name: str = DEFAULT_NAME
+    comm: frozenset[str] | None = None
+    exe: tuple[tuple[str, str], ...] | None = None
+    cmdline: tuple[re.Pattern[str], ...] | None = None
+    template: _Template = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.template is None:
+            template, why = _parse_template(self.name)
+            if template is None:
+                raise ValueError(why)
+            object.__setattr__(self, "template", template)
+        object.__setattr__(self, "_exe_map", dict(self.exe or ()))
+
+    @property
+    def needs_username(self) -> bool:
+        return "Username" in self.template.fields
+
+    def match(self, sample: Sample, username: str | Callable[[], str] = "") -> str | None:
+        """The group name for this process, or None when the selectors do not all match.
+
+        `sample.cmdline` must have been read. `username` may be a callable so that the
+        passwd lookup happens only when the template needs it.
+        """
+        argv = sample.cmdline or []
+        if self.comm is not None and sample.comm not in self.comm:
+            return None
+        if self.exe is not None:
+            if not argv:
+                return None
+            full = self._exe_map.get(_go_base(argv[0]))  # type: ignore[attr-defined]
+            if full is None or (full and full != argv[0]):
+                return None
+        matches: dict[str, str] = {}
+        if self.cmdline is not None:
+            joined = " ".join(argv)
+            for regex in self.cmdline:
+                found = regex.search(joined)
+                if found is None:
+                    return None
+                matches.update({k: v or "" for k, v in found.groupdict().items()})
+        return self._name(sample, argv, username, matches)
+
+    def _name(self, sample: Sample, argv: Sequence[str], username: str | Callable[[], str],
+              matches: Mapping[str, str]) -> str:
+        fields = self.template.fields
+        values: dict[str, Any] = {}
+        if "Comm" in fields:
+            values["Comm"] = sample.comm
+        if "ExeBase" in fields or "ExeFull" in fields:
+            full = argv[0] if argv else sample.comm
+            values["ExeFull"] = full
+            values["ExeBase"] = _go_base(full) if argv else sample.comm
+        if "Username" in fields:
+            values["Username"] = username() if callable(username) else username
+        if "PID" in fields:
+            values["PID"] = sample.pid
+        if "StartTime" in fields:
+            values["StartTime"] = _go_time(sample.create_time)
+        return self.template.render(values, matches)
+
+
+def _go_base(path: str) -> str:
+    """Go's filepath.Base: trailing slashes dropped, "" becomes ".", all slashes "/"."""
+    if not path:
+        return "."
+    stripped = path.rstrip("/")
+    if not stripped:
+        return "/"
+    return stripped.rsplit("/", 1)[-1]
+
+
+def _go_time(epoch: float) -> str:
+    """Go's time.Time.String() in local time, e.g. `2026-01-15 10:30:00.25 +0000 UTC`."""
+    when = dt.datetime.fromtimestamp(epoch).astimezone()
+    text = when.strftime("%Y-%m-%d %H:%M:%S")
+    if when.microsecond:
+        text += f".{when.microsecond:06d}".rstrip("0")
+    return f"{text} {when.strftime('%z')} {when.tzname()}"
+
+
+# Every process, kernel threads included, grouped by its comm.
+DEFAULT_GROUPS: tuple[GroupMatcher, ...] = (GroupMatcher(name="{{.Comm}}"),)
+
+
+def name_process(groups: Sequence[GroupMatcher], sample: Sample,
+                 user_name: Callable[[int], str] | None = None) -> str | None:
+    """First match wins: the group name of this process, or None when no group wants it."""
+    cached: list[str] = []
+
+    def username() -> str:
+        if not cached:
+            uid = sample.uid
+            cached.append("" if uid is None or user_name is None else user_name(uid))
+        return cached[0]
+
+    for matcher in groups:
+        name = matcher.match(sample, username)
+        if name is not None:
+            return name
+    return None
+
+
+def parse_groups(raw: Any, problems: Problems, path: str = "groups") -> tuple[GroupMatcher, ...]:
+    """Validate the `groups:` list; every problem is added to `problems` by key path.
+
+    A mapping holding only `process_names:` (a whole process-exporter config) is accepted
+    too. None means the default: every process grouped by comm.
+    """
+    if raw is None:
+        return DEFAULT_GROUPS
+    if isinstance(raw, Mapping) and set(raw) == {"process_names"}:
+        raw, path = raw["process_names"], f"{path}.process_names"
+    if not isinstance(raw, list):
+        problems.add(path, f"must be a list of group matchers, got {type(raw).__name__}")
+        return DEFAULT_GROUPS
+    if not raw:
+        problems.add(path, "must list at least one group (leave it out to group by comm)")
+        return DEFAULT_GROUPS
+    matchers = []
+    for i, item in enumerate(raw):
+        matcher = _parse_item(item, problems, f"{path}[{i}]")
+        if matcher is not None:
+            matchers.append(matcher)
+    return tuple(matchers)
+
+
+def _parse_item(item: Any, problems: Problems, where: str) -> GroupMatcher | None:
+    if not isinstance(item, Mapping):
+        problems.add(where, f"must be a mapping, got {type(item).__name__}")
+        return None
+    before = len(problems.items)
+    problems.unknown_keys(item, _ITEM_KEYS, where)
+    name = item.get("name")
+    template = None
+    if name is None or name == "":
+        name = DEFAULT_NAME
+    elif not isinstance(name, str):
+        problems.add(f"{where}.name", f"must be a string, got {type(name).__name__}")
+    else:
+        template, why = _parse_template(name)
+        if template is None:
+            problems.add(f"{where}.name", why or "invalid template")
+    comm = _strings(item, "comm", problems, where)
+    exe = _strings(item, "exe", problems, where)
+    cmdline = _strings(item, "cmdline", problems, where)
+    if comm is None and exe is None and cmdline is None and not any(
+            k in item for k in ("comm", "exe", "cmdline")):
+        problems.add(where, "needs at least one selector: comm, exe or cmdline")
+    regexes = []
+    for j, pattern in enumerate(cmdline or ()):
+        try:
+            regexes.append(re.compile(_GO_NAMED_GROUP.sub("(?P<", pattern)))
+        except re.error as exc:
+            problems.add(f"{where}.cmdline[{j}]", f"invalid regex: {exc}")
+    if len(problems.items) > before:
+        return None
+    exe_rules = None
+    if exe is not None:
+        exe_rules = tuple((_go_base(e), e) if "/" in e else (e, "") for e in exe)
+    return GroupMatcher(
+        name=name,
+        template=template,
+        comm=frozenset(comm) if comm is not None else None,
+        exe=exe_rules,
+        cmdline=tuple(regexes) if cmdline is not None else None,
+    )
+
+
+def _strings(item: Mapping[str, Any], key: str, problems: Problems,
+             where: str) -> list[str] | None:
+    """A selector: a non-empty list of non-empty strings, or None when absent."""
+    if key not in item:
+        return None
+    value = item[key]
+    if not isinstance(value, list):
+        problems.add(f"{where}.{key}", f"must be a list of strings, got {type(value).__name__}")
+        return None
+    if not value:
+        problems.add(f"{where}.{key}", "must list at least one value")
+        return None
+    good = []
+    for j, entry in enumerate(value):
+        if not isinstance(entry, str) or not entry:
+            what = "an empty string" if entry == "" else type(entry).__name__
+            problems.add(f"{where}.{key}[{j}]", f"must be a non-empty string, got {what}")
+        else:
+            good.append(entry)
+    return good if len(good) == len(value) else None
+
+
+__all__ = ["DEFAULT_GROUPS", "DEFAULT_NAME", "GroupMatcher", "name_process", "parse_groups"]

@@ -1,0 +1,243 @@
+"""Group matchers and name templates, against real child processes read from /proc."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from exporter.groups import DEFAULT_GROUPS, GroupMatcher, name_process, parse_groups
+from exporter.procs import ProcessGone, UserNames, make_reader
+from procfleet.configcheck import Problems
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+SLEEP = "/bin/sleep"
+SHELL = "/bin/sh"
+
+
+class Spawner:
+    """Starts children under a distinctive comm (a symlink's name) and always reaps them."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.tag = "pf" + uuid.uuid4().hex[:6]
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, suffix: str, *args: str) -> subprocess.Popen[bytes]:
+        """`sleep 60` by default; with args, a shell blocked reading stdin, args on argv."""
+        comm = f"{self.tag}-{suffix}"[:15]
+        link = self.tmp / comm
+        if not link.exists():
+            link.symlink_to(SHELL if args else SLEEP)
+        argv = [str(link), "-c", "read _", *args] if args else [str(link), "60"]
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.children.append(child)
+        wait_for_comm(child.pid, comm)
+        return child
+
+    def reap(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()
+            child.wait(timeout=10)
+            if child.stdin:
+                child.stdin.close()
+
+
+def wait_for_comm(pid: int, comm: str, deadline: float = 5.0) -> None:
+    """Wait until the child has exec'd: its comm is the expected one and argv is set up."""
+    until = time.monotonic() + deadline
+    while time.monotonic() < until:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read()
+            if argv and stat[stat.find(b"(") + 1: stat.rfind(b")")].decode() == comm:
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.005)
+    raise AssertionError(f"pid {pid} never showed comm {comm!r}")
+
+
+@pytest.fixture
+def spawner(tmp_path: Path) -> Iterator[Spawner]:
+    s = Spawner(tmp_path)
+    try:
+        yield s
+    finally:
+        s.reap()
+
+
+@pytest.fixture(scope="module")
+def reader():
+    return make_reader("procfs")
+
+
+def groups_of(raw: object) -> tuple[GroupMatcher, ...]:
+    problems = Problems()
+    groups = parse_groups(raw, problems)
+    assert problems.items == []
+    return groups
+
+
+def name_of(groups: tuple[GroupMatcher, ...], reader, pid: int) -> str | None:
+    return name_process(groups, reader.sample(pid, cmdline=True), UserNames())
+
+
+# -- configuration problems --------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, expected", [
+    ("bash", ["groups: must be a list of group matchers, got str"]),
+    ([], ["groups: must list at least one group (leave it out to group by comm)"]),
+    (["bash"], ["groups[0]: must be a mapping, got str"]),
+    ([{"name": "x"}], ["groups[0]: needs at least one selector: comm, exe or cmdline"]),
+    ([{"comm": "bash"}], ["groups[0].comm: must be a list of strings, got str"]),
+    ([{"comm": []}], ["groups[0].comm: must list at least one value"]),
+    ([{"exe": ["ok", 3]}], ["groups[0].exe[1]: must be a non-empty string, got int"]),
+    ([{"exe": [""]}], ["groups[0].exe[0]: must be a non-empty string, got an empty string"]),
+    ([{"comm": ["a"], "cmdlines": ["x"]}],
+     ["groups[0].cmdlines: unknown key (expected one of: cmdline, comm, exe, name)"]),
+    ([{"comm": ["a"], "name": 5}], ["groups[0].name: must be a string, got int"]),
+    ([{"comm": ["a"], "name": "{{.Cwd}}"}], ["groups[0].name: unknown template field"]),
+    ([{"comm": ["a"], "name": "{{if .Comm}}x{{end}}"}],
+     ["groups[0].name: unsupported template action '{{if .Comm}}'"]),
+    ([{"comm": ["a"], "name": "{{.Comm"}], ["groups[0].name: unbalanced"]),
+    ([{"comm": ["a"]}, {"cmdline": ["ok", "(unclosed"]}],
+     ["groups[1].cmdline[1]: invalid regex: missing ), unterminated subpattern"]),
+    ({"process_names": [{"cmdline": ["*"]}]},
+     ["groups.process_names[0].cmdline[0]: invalid regex: nothing to repeat"]),
+    ([{"comm": 1}, {"comm": ["ok"]}, {"cmdline": ["["], "bogus": True}],
+     ["groups[0].comm: must be a list of strings, got int",
+      "groups[2].bogus: unknown key",
+      "groups[2].cmdline[0]: invalid regex: unterminated character set"]),
+])
+def test_problems_are_named_by_key_path(raw: object, expected: list[str]) -> None:
+    problems = Problems()
+    parse_groups(raw, problems)
+    assert len(problems.items) == len(expected), problems.items
+    for got, want in zip(problems.items, expected, strict=True):
+        assert got.startswith(want), got
+
+
+def test_custom_path_prefixes_problems() -> None:
+    problems = Problems()
+    parse_groups([{"comm": "x"}], problems, "exporter.groups")
+    assert problems.items == ["exporter.groups[0].comm: must be a list of strings, got str"]
+
+
+def test_absent_groups_mean_one_group_per_comm() -> None:
+    assert parse_groups(None, Problems()) == DEFAULT_GROUPS
+
+
+def test_a_process_exporter_config_can_be_pasted_in() -> None:
+    groups = groups_of({"process_names": [{"name": "{{.Comm}}", "cmdline": [".+"]}]})
+    assert len(groups) == 1 and groups[0].name == "{{.Comm}}"
+
+
+def test_go_style_named_groups_are_accepted() -> None:
+    (matcher,) = groups_of([{"cmdline": [r"--port=(?<port>\d+)"], "name": "{{.Matches.port}}"}])
+    assert matcher.cmdline is not None
+    assert matcher.cmdline[0].groupindex == {"port": 1}
+
+
+# -- matching real processes -------------------------------------------------------------
+
+def test_comm_selector_and_default_exebase_name(spawner: Spawner, reader) -> None:
+    child = spawner.spawn("comm")
+    comm = f"{spawner.tag}-comm"
+    groups = groups_of([{"comm": ["bash", comm]}])
+    assert name_of(groups, reader, child.pid) == comm  # {{.ExeBase}} of argv[0]
+    assert name_of(groups_of([{"comm": ["bash"]}]), reader, child.pid) is None
+
+
+def test_exe_selector_by_basename_or_exact_path(spawner: Spawner, reader) -> None:
+    child = spawner.spawn("exe")
+    argv0 = str(spawner.tmp / f"{spawner.tag}-exe")
+    base = os.path.basename(argv0)
+    assert name_of(groups_of([{"exe": [base]}]), reader, child.pid) == base
+    assert name_of(groups_of([{"exe": [argv0], "name": "{{.ExeFull}}"}]),
+                   reader, child.pid) == argv0
+    assert name_of(groups_of([{"exe": [f"/elsewhere/{base}"]}]), reader, child.pid) is None
+
+
+def test_cmdline_regexes_must_all_match_and_capture(spawner: Spawner, reader) -> None:
+    child = spawner.spawn("cmd", "--procfleet-role=web", "--procfleet-zone=eu")
+    groups = groups_of([{
+        "cmdline": [r"--procfleet-role=(?P<role>\w+)", r"--procfleet-zone=(?P<zone>\w+)"],
+        "name": "svc:{{.Matches.role}}@{{ .Matches.zone }}/{{.Matches.missing}}",
+    }])
+    assert name_of(groups, reader, child.pid) == "svc:web@eu/<no value>"
+    both = groups_of([{"cmdline": ["--procfleet-role=web", "--procfleet-zone=us"]}])
+    assert name_of(both, reader, child.pid) is None
+
+
+def test_selectors_in_one_item_must_all_match(spawner: Spawner, reader) -> None:
+    child = spawner.spawn("and", "--flag")
+    comm = f"{spawner.tag}-and"
+    assert name_of(groups_of([{"comm": [comm], "cmdline": ["--flag"]}]),
+                   reader, child.pid) == comm
+    assert name_of(groups_of([{"comm": [comm], "cmdline": ["--other"]}]),
+                   reader, child.pid) is None
+
+
+def test_every_template_field(spawner: Spawner, reader) -> None:
+    child = spawner.spawn("tpl")
+    comm = f"{spawner.tag}-tpl"
+    groups = groups_of([{
+        "comm": [comm],
+        "name": "{{.Comm}}|{{.ExeBase}}|{{.ExeFull}}|{{.Username}}|{{.PID}}|{{.StartTime}}",
+    }])
+    parts = name_of(groups, reader, child.pid).split("|")
+    assert parts[:5] == [comm, comm, str(spawner.tmp / comm),
+                         pwd.getpwuid(os.getuid()).pw_name, str(child.pid)]
+    # Go's time.Time.String(): "2006-01-02 15:04:05.999999999 -0700 MST", local time.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)? [+-]\d{4} \S+", parts[5])
+
+
+def test_first_match_wins(spawner: Spawner, reader) -> None:
+    child = spawner.spawn("first", "--procfleet-first")
+    comm = f"{spawner.tag}-first"
+    groups = groups_of([
+        {"comm": ["no-such-comm"], "name": "zero"},
+        {"cmdline": ["--procfleet-first"], "name": "one"},
+        {"comm": [comm], "name": "two"},
+    ])
+    assert name_of(groups, reader, child.pid) == "one"
+
+
+def test_default_groups_name_every_process_by_comm(spawner: Spawner, reader) -> None:
+    child = spawner.spawn("dflt")
+    assert name_of(DEFAULT_GROUPS, reader, child.pid) == f"{spawner.tag}-dflt"
+    named = 0
+    for pid in reader.pids():
+        try:
+            sample = reader.sample(pid, cmdline=True)
+        except ProcessGone:
+            continue
+        assert name_process(DEFAULT_GROUPS, sample) == sample.comm
+        named += 1
+    assert named > 1
+
+
+def test_kernel_threads_have_no_exe_but_a_comm(reader) -> None:
+    try:
+        kthreadd = reader.sample(2, cmdline=True)
+    except ProcessGone:
+        pytest.skip("no kernel threads visible in this pid namespace")
+    if kthreadd.cmdline:
+        pytest.skip("pid 2 is not a kernel thread here")
+    assert name_process(DEFAULT_GROUPS, kthreadd) == kthreadd.comm
+    assert name_process(groups_of([{"cmdline": [".+"]}]), kthreadd) is None
+    assert name_process(groups_of([{"exe": [kthreadd.comm]}]), kthreadd) is None
