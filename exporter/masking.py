@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MASK = "***"
+_CACHE_SIZE = 4096
 
 _SECRET_WORD = (
     r"(?:pass(?:word|wd|phrase)?s?(?![a-z])|pwd(?![a-z])|secret|token|api[-_]?key|access[-_]?key"
@@ -44,6 +45,9 @@ class Masker:
     patterns: tuple[re.Pattern[str], ...]
     secret_flags: tuple[re.Pattern[str], ...]
     enabled: bool = True
+    # Command lines repeat across lookups and scrapes; masking the same argv twice is waste.
+    _cache: dict[tuple[str, ...], list[str]] = field(default_factory=dict, compare=False,
+                                                     repr=False)
 
     @classmethod
     def build(cls, patterns: Sequence[str] = DEFAULT_PATTERNS,
@@ -55,6 +59,16 @@ class Masker:
     def __call__(self, argv: Sequence[str]) -> list[str]:
         if not self.enabled:
             return list(argv)
+        key = tuple(argv)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._mask(argv)
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.clear()
+            self._cache[key] = hit
+        return list(hit)
+
+    def _mask(self, argv: Sequence[str]) -> list[str]:
         out: list[str] = []
         mask_next = False
         for arg in argv:
