@@ -1,0 +1,1 @@
+"""procfleet query service: find processes across a fleet of exporters (see app.py for routes)."""

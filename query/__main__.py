@@ -1,0 +1,125 @@
+"""Command line: `procfleet-query [--config FILE] [--listen HOST:PORT]` and `… keygen`.
+
+Serves the query service with waitress until SIGTERM. A configuration problem prints the
+message (every problem by key path) and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import resource
+import sys
+from collections.abc import Sequence
+
+from procfleet.configcheck import ConfigError
+from procfleet.logs import setup_logging
+from procfleet.serve import ListenError, is_loopback, parse_listen, serve
+from query import config as query_config
+from query.app import create_app
+from query.auth import key_hash, new_key
+from query.config import PERMISSIONS
+from query.discovery import Discovery
+from query.fanout import Fanout
+
+log = logging.getLogger("query")
+
+USAGE_ERROR = 2
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="procfleet-query",
+        description="Serve the procfleet query service: GET /node/{target}/process/{pid} "
+                    "across the exporters of the fleet.")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML configuration (default: built-in, the local exporter at "
+                             "http://127.0.0.1:9256 known as this host's name, auth off)")
+    parser.add_argument("--listen", metavar="HOST:PORT",
+                        help="address to serve on; beats the file's listen "
+                             f"(default {query_config.DEFAULT_LISTEN})")
+    parser.add_argument("--allow-unauthenticated-nonloopback", action="store_true",
+                        help="serve on a non-loopback address even when auth is disabled")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    keygen = commands.add_parser(
+        "keygen", help="print a new API key once and the configuration lines for it",
+        description="Print a new random API key (shown only this once) and the lines to add "
+                    "under auth.api_keys; the configuration keeps only its SHA-256 hash.")
+    keygen.add_argument("--name", required=True, help="a name for the key, e.g. grafana")
+    keygen.add_argument("--permission", action="append", required=True, choices=PERMISSIONS,
+                        help="a permission to grant; repeat for several")
+    return parser
+
+
+def keygen(name: str, permissions: Sequence[str]) -> str:
+    """The text `keygen` prints: the key in a comment, then YAML for auth.api_keys."""
+    key = new_key()
+    granted = ", ".join(dict.fromkeys(permissions))
+    return (f"# New API key {name!r}, shown only this once (the configuration keeps its hash):\n"
+            f"#   {key}\n"
+            f"# Add under auth.api_keys in the query service configuration:\n"
+            f"- name: {name}\n"
+            f"  sha256: \"{key_hash(key)}\"\n"
+            f"  permissions: [{granted}]\n")
+
+
+def _fail(message: str) -> int:
+    print(f"procfleet-query: {message}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _raise_file_limit() -> None:
+    # One socket per exporter connection: a large fleet needs more than the usual 1024.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "keygen":
+        if not _NAME_RE.fullmatch(args.name):
+            return _fail("--name must be a plain word (letters, digits, '-', '_', '.')")
+        sys.stdout.write(keygen(args.name, args.permission))
+        return 0
+
+    try:
+        config = (query_config.load(args.config) if args.config
+                  else query_config.default_config())
+    except ConfigError as exc:
+        return _fail(str(exc))
+    setup_logging(config.log_level)
+    listen = args.listen or config.listen
+    try:
+        host, port = parse_listen(listen)
+    except ListenError as exc:
+        return _fail(f"--listen: {exc}")
+    if not config.auth.enabled and not is_loopback(host) \
+            and not args.allow_unauthenticated_nonloopback:
+        return _fail(f"authentication is disabled, so refusing to listen on {listen} (not "
+                     "loopback); enable auth, or pass --allow-unauthenticated-nonloopback")
+    if not config.auth.enabled:
+        log.warning("authentication is disabled: every client may query every process")
+
+    _raise_file_limit()
+    discovery = Discovery.from_config(config)
+    log.info("configuration loaded", extra={"fields": {
+        "source": config.source, "exporters": len(discovery.fleet.exporters),
+        "auth": "on" if config.auth.enabled else "off"}})
+    with Fanout.from_config(config) as fanout:
+        app = create_app(config, discovery=discovery, fanout=fanout)
+        try:
+            serve(app, host, port, logger=log, name="procfleet-query", threads=config.threads)
+        except OSError as exc:
+            log.error("cannot listen", extra={"fields": {"listen": listen, "reason": exc}})
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

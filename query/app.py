@@ -1,0 +1,239 @@
+"""The query service's Falcon app: thin resources over `Lookup`, `Discovery` and `Metrics`.
+
+Routes (see openapi.json for the shapes):
+
+    GET /node/{hostname}/process/{pid}   one process on the targeted exporters   process:read
+    GET /node/{hostname}/process         each targeted exporter's process list   process:read
+    GET /node                            known exporters, labels, last-seen health  node:read
+    GET /healthz, /metrics, /openapi.json                                        public
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import falcon
+
+import procfleet
+from procfleet.web import install_error_handling, pid_or_400
+from query import metrics as query_metrics
+from query import openapi
+from query.auth import PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
+from query.config import Config
+from query.discovery import Discovery
+from query.fanout import Fanout
+from query.lookup import Answer, Lookup
+from query.metrics import Metrics
+from query.targets import Target, TargetError, parse_target, resolve
+
+log = logging.getLogger("query.app")
+
+SORT_KEYS = ("cpu", "mem", "rss", "start")
+LIST_LIMIT_MAX = 100_000
+FILTER_MAX_LENGTH = 256
+
+
+def create_app(config: Config, *, discovery: Discovery | None = None,
+               fanout: Fanout | None = None, metrics: Metrics | None = None) -> falcon.App:
+    """Build the app. Collaborators not given are made from `config`.
+
+    The caller owns a `fanout` it passes in (and closes it); one made here is closed at exit.
+    """
+    if discovery is None:
+        discovery = Discovery.from_config(config)
+    if fanout is None:
+        fanout = Fanout.from_config(config)
+        atexit.register(fanout.close)
+    if metrics is None:
+        metrics = Metrics(exporter_count=lambda: len(discovery.fleet.exporters))
+    lookup = Lookup(discovery, fanout, limits=config.fanout, observer=metrics)
+    authenticator = Authenticator(config.auth)
+
+    app = falcon.App(middleware=[RequestLog(metrics), AuthMiddleware(authenticator)])
+    app.req_options.strip_url_path_trailing_slash = True
+    install_error_handling(app, log)
+    app.add_route("/node/{hostname}/process/{pid}", ProcessResource(lookup))
+    app.add_route("/node/{hostname}/process", ProcessListResource(lookup))
+    app.add_route("/node", NodesResource(discovery))
+    app.add_route("/healthz", HealthResource(discovery))
+    app.add_route("/metrics", MetricsResource(metrics))
+    app.add_route("/openapi.json", OpenAPIResource())
+    app.add_sink(NotFoundSink(authenticator), prefix="/")
+    return app
+
+
+class RequestLog:
+    """Gives each request its job id (also `X-Request-Id`), then logs and times it."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started = time.perf_counter()
+        req.context.job_id = str(uuid.uuid4())
+        req.context.api_key = None
+        resp.set_header("X-Request-Id", req.context.job_id)
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any,
+                         req_succeeded: bool) -> None:
+        seconds = time.perf_counter() - req.context.started
+        code = resp.status_code
+        route = req.uri_template or "unmatched"
+        self.metrics.observe_request(route, code, seconds)
+        fields = {"method": req.method, "path": req.path[:300], "status": code,
+                  "duration_ms": f"{seconds * 1000:.1f}", "job_id": req.context.job_id}
+        if req.context.api_key:
+            fields["key"] = req.context.api_key
+        summary = getattr(req.context, "summary", None)
+        if summary:
+            fields.update(summary)
+        log.info("request", extra={"fields": fields})
+
+
+def _target_or_400(text: str) -> Target:
+    try:
+        return parse_target(text)
+    except TargetError as exc:
+        raise falcon.HTTPBadRequest(title="invalid target", description=str(exc)) from None
+
+
+def _respond(req: falcon.Request, resp: falcon.Response, answer: Answer, field: str) -> None:
+    req.context.summary = {
+        "exporters": len(answer.results),
+        "failed": sum(1 for r in answer.results if r.status == "failed"),
+    }
+    if answer.code != 200:
+        raise falcon.HTTPError(answer.code, title=answer.error, description=answer.details)
+    resp.media = {"job_id": req.context.job_id,
+                  "results": [r.to_json(field) for r in answer.results]}
+
+
+class ProcessResource:
+    """`GET /node/{hostname}/process/{pid}`: one process, per targeted exporter."""
+
+    permission = "process:read"
+
+    def __init__(self, lookup: Lookup) -> None:
+        self.lookup = lookup
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, hostname: str, pid: str
+               ) -> None:
+        target = _target_or_400(hostname)
+        answer = self.lookup.process(target, pid_or_400(pid))
+        _respond(req, resp, answer, "process")
+
+
+class ProcessListResource:
+    """`GET /node/{hostname}/process?name=&user=&sort=&limit=`: each exporter's list."""
+
+    permission = "process:read"
+
+    def __init__(self, lookup: Lookup) -> None:
+        self.lookup = lookup
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, hostname: str) -> None:
+        target = _target_or_400(hostname)
+        answer = self.lookup.processes(target, list_filters(req.params))
+        _respond(req, resp, answer, "processes")
+
+
+def list_filters(params: dict[str, Any]) -> dict[str, str]:
+    """The list filters passed through to the exporters, checked here; 400 names what is wrong."""
+    filters: dict[str, str] = {}
+    for name, value in params.items():
+        if name not in ("name", "user", "sort", "limit"):
+            raise falcon.HTTPBadRequest(
+                title="invalid query parameter",
+                description=f"unknown parameter {name[:64]!r}: use name, user, sort and limit")
+        if not isinstance(value, str):
+            raise falcon.HTTPBadRequest(title="invalid query parameter",
+                                        description=f"{name} is given more than once")
+        if not value or len(value) > FILTER_MAX_LENGTH:
+            raise falcon.HTTPBadRequest(
+                title="invalid query parameter",
+                description=f"{name} must be 1 to {FILTER_MAX_LENGTH} characters")
+        filters[name] = value
+    if "sort" in filters and filters["sort"] not in SORT_KEYS:
+        raise falcon.HTTPBadRequest(title="invalid query parameter",
+                                    description=f"sort must be one of {', '.join(SORT_KEYS)}")
+    if "limit" in filters:
+        text = filters["limit"]
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= LIST_LIMIT_MAX:
+            raise falcon.HTTPBadRequest(
+                title="invalid query parameter",
+                description=f"limit must be an integer from 1 to {LIST_LIMIT_MAX}")
+    return filters
+
+
+def _rfc3339(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(int(timestamp), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class NodesResource:
+    """`GET /node[?target=…]`: the known exporters, their labels and last-seen health."""
+
+    permission = "node:read"
+
+    def __init__(self, discovery: Discovery) -> None:
+        self.discovery = discovery
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        exporters = self.discovery.fleet.exporters
+        target_text = req.get_param("target")
+        if target_text is not None:
+            exporters = tuple(resolve(_target_or_400(target_text), exporters))
+        resp.media = {"exporters": [self._describe(e) for e in exporters]}
+
+    def _describe(self, exporter: Any) -> dict[str, Any]:
+        health = self.discovery.health(exporter.hostname)
+        described: dict[str, Any] = {"status": health.status}
+        for key, value in (("last_checked", _rfc3339(health.last_checked)),
+                           ("last_seen", _rfc3339(health.last_seen)),
+                           ("last_error", health.last_error)):
+            if value is not None:
+                described[key] = value
+        return {"hostname": exporter.hostname, "url": exporter.url,
+                "labels": dict(exporter.labels), "maintenance": exporter.maintenance,
+                "source": exporter.source, "health": described}
+
+
+class HealthResource:
+    """`GET /healthz`: the service is up (exporters' health is in `GET /node`)."""
+
+    permission = PUBLIC
+
+    def __init__(self, discovery: Discovery) -> None:
+        self.discovery = discovery
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"status": "ok", "version": procfleet.__version__,
+                      "exporters": len(self.discovery.fleet.exporters)}
+
+
+class MetricsResource:
+    """`GET /metrics`: the query service's own metrics in Prometheus text format."""
+
+    permission = PUBLIC
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = query_metrics.CONTENT_TYPE
+        resp.data = self.metrics.exposition()
+
+
+class OpenAPIResource:
+    """`GET /openapi.json`: the OpenAPI 3 document of this service."""
+
+    permission = PUBLIC
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = openapi.document()

@@ -1,0 +1,132 @@
+"""The query use cases, without HTTP: resolve a target, fan out, decide the answer.
+
+`Lookup.process(target, pid)` and `Lookup.processes(target, filters)` return an `Answer`:
+the status code SPEC.md prescribes and the per-exporter results (or the error and details).
+
+    unicast (hostname, _any)       ok -> 200; skipped -> 200 (the result says why);
+                                   not found -> 404 "process not found";
+                                   timeout/unreachable/bad answer -> 500 naming the exporter
+    broadcast (_all, selectors)    any valid answer, found or not -> 200; every exporter
+                                   skipped (maintenance) -> 200; otherwise 500 naming them
+    any target matching nothing    404 "target not found"
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from query.config import FanoutLimits
+from query.discovery import Discovery, Exporter
+from query.fanout import Call, Fanout, Result, list_call, process_call
+from query.targets import Target, resolve
+
+# How many failing exporters a 500's details name before summarising the rest by reason.
+DETAILS_LIMIT = 20
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A decided answer: 200 with results, or an error code with error and details."""
+
+    code: int
+    results: tuple[Result, ...] = ()
+    error: str | None = None
+    details: str | None = None
+
+
+class ResultObserver(Protocol):
+    """Told about every exporter result (metrics count failures by kind)."""
+
+    def exporter_results(self, results: Sequence[Result]) -> None: ...
+
+
+class Lookup:
+    """Answers process lookups and lists for a target across the fleet."""
+
+    def __init__(self, discovery: Discovery, fanout: Fanout, *,
+                 limits: FanoutLimits | None = None,
+                 observer: ResultObserver | None = None) -> None:
+        self.discovery = discovery
+        self.fanout = fanout
+        self.limits = limits or FanoutLimits()
+        self.observer = observer
+
+    def process(self, target: Target, pid: int) -> Answer:
+        """`GET /node/{target}/process/{pid}`."""
+        call = process_call(pid, self.limits.max_body_bytes)
+        return self._run(target, call, f"pid {pid}")
+
+    def processes(self, target: Target, filters: Mapping[str, str]) -> Answer:
+        """`GET /node/{target}/process?…`: each exporter's filtered list."""
+        call = list_call(filters, self.limits.max_list_body_bytes)
+        return self._run(target, call, "the process list")
+
+    def _run(self, target: Target, call: Call, what: str) -> Answer:
+        exporters = resolve(target, self.discovery.fleet.exporters)
+        if not exporters:
+            return Answer(404, error="target not found",
+                          details=f"no exporter matches target {str(target)!r}")
+        if target.kind == "any":
+            candidates = [e for e in exporters if not e.maintenance]
+            if candidates:
+                results = self.fanout.first(self._any_order(candidates), call)
+            else:  # nobody to ask: report them all as skipped
+                results = self.fanout.all(exporters, call)
+        else:
+            results = self.fanout.all(exporters, call)
+        self._observe(results)
+        return decide(target, results, what)
+
+    def _any_order(self, candidates: list[Exporter]) -> list[Exporter]:
+        """Last seen up first, then never asked, then down; random within each group."""
+        rank = {"up": 0, "unknown": 1, "down": 2}
+        random.shuffle(candidates)
+        return sorted(candidates, key=lambda e: rank[self.discovery.health(e.hostname).status])
+
+    def _observe(self, results: Sequence[Result]) -> None:
+        for result in results:
+            if result.valid or result.failure:
+                self.discovery.record(result.hostname, result.valid, result.error)
+        if self.observer is not None:
+            self.observer.exporter_results(results)
+
+
+def decide(target: Target, results: Sequence[Result], what: str = "the lookup") -> Answer:
+    """The status code and body for a target's results (the table in the module docstring)."""
+    if target.unicast:
+        answer = results[-1] if results and not results[-1].failure else None
+        if answer is None:
+            return Answer(500, error="exporter failed", details=_failures(results))
+        if answer.kind == "not_found":
+            return Answer(404, error="process not found",
+                          details=f"exporter {answer.hostname} has no process with {what}")
+        if target.kind == "any" and answer.kind == "maintenance":
+            return Answer(200, tuple(sorted(results, key=_by_hostname)))
+        return Answer(200, (answer,))
+    ordered = tuple(sorted(results, key=_by_hostname))
+    if any(r.valid for r in ordered) or all(r.kind == "maintenance" for r in ordered):
+        return Answer(200, ordered)
+    failed = [r for r in ordered if r.failure]
+    return Answer(500, error="no exporter answered",
+                  details=f"none of the {len(ordered)} targeted exporters gave a valid answer: "
+                  + _failures(failed))
+
+
+def _by_hostname(result: Result) -> str:
+    return result.hostname
+
+
+def _failures(results: Sequence[Result]) -> str:
+    """`web-01: timeout after 2.0 s; web-02: connection refused; and 3 more (…)`."""
+    failed = [r for r in results if r.failure]
+    named = "; ".join(f"{r.hostname}: {r.error}" for r in failed[:DETAILS_LIMIT])
+    rest = failed[DETAILS_LIMIT:]
+    if rest:
+        reasons = Counter(r.error for r in rest)
+        summary = ", ".join(f"{n} {error}" for error, n in reasons.most_common(5))
+        named += f"; and {len(rest)} more ({summary})"
+    return named

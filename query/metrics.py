@@ -1,0 +1,54 @@
+"""The query service's own metrics, on a private registry, served at `GET /metrics`.
+
+    procfleet_query_build_info{version="0.1.0"} 1.0
+    procfleet_query_exporters 3.0
+    procfleet_query_request_duration_seconds_bucket{code="200",le="0.05",route="/node/{hostname}/process/{pid}"} 12.0
+    procfleet_query_exporter_failures_total{exporter="web-02",kind="timeout"} 4.0
+"""  # noqa: E501
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import prometheus_client
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram
+
+import procfleet
+from query.fanout import Result
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """Request latency by route and code, exporter failures by kind, on its own registry."""
+
+    def __init__(self, exporter_count: Callable[[], int] = lambda: 0) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        info = Gauge("procfleet_query_build_info", "Version of the query service, always 1.",
+                     ["version"], registry=self.registry)
+        info.labels(procfleet.__version__).set(1)
+        exporters = Gauge("procfleet_query_exporters", "Exporters known to discovery now.",
+                          registry=self.registry)
+        exporters.set_function(lambda: float(exporter_count()))
+        self.request_duration = Histogram(
+            "procfleet_query_request_duration_seconds",
+            "Time to answer an HTTP request, by route template and status code.",
+            ["route", "code"], buckets=_BUCKETS, registry=self.registry)
+        self.exporter_failures = prometheus_client.Counter(
+            "procfleet_query_exporter_failures_total",
+            "Exporter calls that gave no valid answer, by exporter and kind "
+            "(timeout, unreachable, bad_status, bad_body).",
+            ["exporter", "kind"], registry=self.registry)
+
+    def observe_request(self, route: str, code: int, seconds: float) -> None:
+        self.request_duration.labels(route, str(code)).observe(seconds)
+
+    def exporter_results(self, results: Sequence[Result]) -> None:
+        failures = Counter((r.hostname, r.kind) for r in results if r.failure)
+        for (exporter, kind), n in failures.items():
+            self.exporter_failures.labels(exporter, kind).inc(n)
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
