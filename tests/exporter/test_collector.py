@@ -1,0 +1,407 @@
+"""The /metrics collector on real child processes: values, counter semantics, options, promtool."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.collector import (
+    ERROR_KINDS,
+    MAX_TOP_N,
+    MetricsOptions,
+    ProcessCollector,
+    parse_metrics_options,
+)
+from exporter.groups import parse_groups
+from exporter.procs import UserNames, make_reader
+from procfleet.configcheck import Problems
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+G = "namedprocess_namegroup_"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+
+
+class Spawner:
+    """Children under a distinctive comm (a symlink's name); always reaped."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.tag = "pf" + uuid.uuid4().hex[:6]
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def comm(self, suffix: str) -> str:
+        return f"{self.tag}-{suffix}"[:15]
+
+    def spawn(self, suffix: str, script: str = "read _") -> subprocess.Popen[bytes]:
+        """A shell running `script` (by default blocked reading stdin) as comm tag-suffix."""
+        comm = self.comm(suffix)
+        link = self.tmp / comm
+        if not link.exists():
+            link.symlink_to("/bin/sh")
+        child = subprocess.Popen([str(link), "-c", script], stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.children.append(child)
+        _wait_for(child.pid, comm, settled=script == "read _")
+        return child
+
+    def busy(self, suffix: str) -> subprocess.Popen[bytes]:
+        return self.spawn(suffix, "while :; do :; done")
+
+    def reap(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()
+            child.wait(timeout=10)
+            if child.stdin:
+                child.stdin.close()
+
+
+def _wait_for(pid: int, comm: str, deadline: float = 5.0, settled: bool = False) -> None:
+    """Until the child has exec'd (and, if `settled`, sleeps: done loading, stable memory)."""
+    until = time.monotonic() + deadline
+    while time.monotonic() < until:
+        try:
+            proc = psutil.Process(pid)
+            if proc.cmdline() and proc.name() == comm and (
+                    not settled or proc.status() == psutil.STATUS_SLEEPING):
+                return
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+        time.sleep(0.005)
+    raise AssertionError(f"pid {pid} never showed comm {comm!r}")
+
+
+def kill(child: subprocess.Popen[bytes]) -> None:
+    child.kill()
+    child.wait(timeout=10)
+
+
+@pytest.fixture
+def spawner(tmp_path: Path) -> Iterator[Spawner]:
+    s = Spawner(tmp_path)
+    try:
+        yield s
+    finally:
+        s.reap()
+
+
+class Exporter:
+    """A collector on a private registry, scraped through the text exposition."""
+
+    def __init__(self, groups_raw: object = None, reader: str = "procfs", **options) -> None:
+        problems = Problems()
+        groups = parse_groups(groups_raw, problems)
+        assert problems.items == []
+        self.collector = ProcessCollector(make_reader(reader), groups, MetricsOptions(**options),
+                                          version="9.9.9-test", user_name=UserNames())
+        self.registry = CollectorRegistry()
+        self.registry.register(self.collector)
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        values = {}
+        for family in text_string_to_metric_families(self.text()):
+            for s in family.samples:
+                values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return values
+
+
+def value(values, name: str, **labels: str) -> float | None:
+    return values.get((name, tuple(sorted(labels.items()))))
+
+
+def group_cpu(values, group: str) -> float:
+    return (value(values, G + "cpu_seconds_total", groupname=group, mode="user")
+            + value(values, G + "cpu_seconds_total", groupname=group, mode="system"))
+
+
+def cpu_of(child: subprocess.Popen[bytes]) -> float:
+    times = psutil.Process(child.pid).cpu_times()
+    return times.user + times.system
+
+
+# -- values against psutil ---------------------------------------------------------------
+
+@pytest.mark.parametrize("reader", ["procfs", "psutil"])
+def test_group_values_match_psutil(spawner: Spawner, reader: str) -> None:
+    children = [spawner.spawn("idle") for _ in range(3)]
+    group = spawner.comm("idle")
+    values = Exporter(reader=reader).scrape()  # default groups: one per comm
+
+    procs = [psutil.Process(c.pid) for c in children]
+    assert value(values, G + "num_procs", groupname=group) == 3
+    rss = sum(p.memory_info().rss for p in procs)
+    # /proc/PID/stat (read here, as process-exporter does) and statm (psutil) can differ
+    # by a few per-CPU counter batches of pages.
+    assert value(values, G + "memory_bytes", groupname=group, memtype="resident") == \
+        pytest.approx(rss, rel=0.1, abs=3 * 256 * 1024)
+    vms = sum(p.memory_info().vms for p in procs)
+    assert value(values, G + "memory_bytes", groupname=group, memtype="virtual") == \
+        pytest.approx(vms, rel=0.1)
+    assert value(values, G + "memory_bytes", groupname=group, memtype="swapped") is not None
+    assert value(values, G + "num_threads", groupname=group) == 3
+    assert value(values, G + "open_filedesc", groupname=group) == \
+        sum(p.num_fds() for p in procs)
+    limit = psutil.Process(children[0].pid).rlimit(psutil.RLIMIT_NOFILE)[0]
+    assert value(values, G + "worst_fd_ratio", groupname=group) == \
+        pytest.approx(max(p.num_fds() for p in procs) / limit)
+    assert value(values, G + "oldest_start_time_seconds", groupname=group) == \
+        pytest.approx(min(p.create_time() for p in procs), abs=1.01)
+    assert value(values, G + "states", groupname=group, state="Sleeping") == 3
+    for state in ("Running", "Waiting", "Zombie", "Other"):
+        assert value(values, G + "states", groupname=group, state=state) == 0
+    for ctx in ("voluntary", "nonvoluntary"):
+        assert value(values, G + "context_switches_total", groupname=group,
+                     ctxswitchtype=ctx) is not None
+    for name in ("read_bytes_total", "write_bytes_total", "major_page_faults_total",
+                 "minor_page_faults_total"):
+        assert value(values, G + name, groupname=group) is not None
+
+
+def test_every_group_series_has_the_originals_labels(spawner: Spawner) -> None:
+    spawner.spawn("lbl")
+    group = spawner.comm("lbl")
+    families = {f.name: f for f in text_string_to_metric_families(Exporter().text())}
+    expected = {
+        "num_procs": ("gauge", set()), "cpu_seconds": ("counter", {"mode"}),
+        "read_bytes": ("counter", set()), "write_bytes": ("counter", set()),
+        "major_page_faults": ("counter", set()), "minor_page_faults": ("counter", set()),
+        "context_switches": ("counter", {"ctxswitchtype"}),
+        "memory_bytes": ("gauge", {"memtype"}), "open_filedesc": ("gauge", set()),
+        "worst_fd_ratio": ("gauge", set()), "oldest_start_time_seconds": ("gauge", set()),
+        "num_threads": ("gauge", set()), "states": ("gauge", {"state"}),
+    }
+    for short, (kind, extra) in expected.items():
+        family = families[G + short]
+        assert family.type == kind
+        mine = [s for s in family.samples if s.labels["groupname"] == group]
+        assert mine, short
+        assert all(set(s.labels) == {"groupname"} | extra for s in mine)
+        if kind == "counter":
+            assert all(s.name == G + short + "_total" for s in mine)
+
+
+def test_text_exposition_names_counters_as_the_original() -> None:
+    text = Exporter().text()
+    assert f"# TYPE {G}cpu_seconds_total counter\n" in text
+    assert f"# TYPE {G}context_switches_total counter\n" in text
+    assert "# TYPE procfleet_read_errors_total counter\n" in text
+    assert 'procfleet_build_info{version="9.9.9-test"} 1.0\n' in text
+    assert "procfleet_scrape_duration_seconds " in text
+    for kind in ERROR_KINDS:
+        assert f'procfleet_read_errors_total{{kind="{kind}"}}' in text
+
+
+# -- counters ----------------------------------------------------------------------------
+
+def test_counters_do_not_go_back_when_a_member_exits(spawner: Spawner) -> None:
+    a, b = spawner.busy("busy"), spawner.busy("busy")
+    group = spawner.comm("busy")
+    exporter = Exporter([{"comm": [group]}])
+    exporter.scrape()
+    time.sleep(0.4)
+    before = exporter.scrape()
+    assert value(before, G + "num_procs", groupname=group) == 2
+    assert group_cpu(before, group) > 0.05
+
+    kill(a)
+    after = exporter.scrape()
+    assert value(after, G + "num_procs", groupname=group) == 1
+    for mode in ("user", "system"):
+        assert value(after, G + "cpu_seconds_total", groupname=group, mode=mode) >= \
+            value(before, G + "cpu_seconds_total", groupname=group, mode=mode)
+    minor = value(after, G + "minor_page_faults_total", groupname=group)
+    assert minor >= value(before, G + "minor_page_faults_total", groupname=group)
+
+    kill(b)
+    empty = exporter.scrape()  # an empty group is still exported, with its counters
+    assert value(empty, G + "num_procs", groupname=group) == 0
+    assert value(empty, G + "memory_bytes", groupname=group, memtype="resident") == 0
+    assert group_cpu(empty, group) >= group_cpu(after, group)
+    assert value(empty, G + "minor_page_faults_total", groupname=group) >= minor
+
+
+def test_a_process_started_after_the_first_scrape_counts_in_full(spawner: Spawner) -> None:
+    group = spawner.comm("late")
+    exporter = Exporter([{"comm": [group]}])
+    exporter.scrape()
+    child = spawner.busy("late")
+    time.sleep(0.3)
+    low = cpu_of(child)
+    values = exporter.scrape()
+    high = cpu_of(child)
+    assert low - 0.02 <= group_cpu(values, group) <= high + 0.02
+
+
+def test_processes_running_at_the_first_scrape_count_from_then(spawner: Spawner) -> None:
+    child = spawner.busy("base")
+    time.sleep(0.3)
+    group = spawner.comm("base")
+    exporter = Exporter([{"comm": [group]}])
+    assert group_cpu(exporter.scrape(), group) == 0  # as process-exporter: a baseline
+    assert cpu_of(child) > 0.1
+
+
+def test_drop_empty_groups(spawner: Spawner) -> None:
+    child = spawner.spawn("gone")
+    group = spawner.comm("gone")
+    exporter = Exporter(drop_empty_groups=True)
+    assert value(exporter.scrape(), G + "num_procs", groupname=group) == 1
+    kill(child)
+    values = exporter.scrape()
+    assert all(labels != (("groupname", group),) for _, labels in values)
+    assert not any(dict(labels).get("groupname") == group for _, labels in values)
+
+
+# -- grouping ----------------------------------------------------------------------------
+
+def test_unmatched_children_join_their_parents_group(spawner: Spawner) -> None:
+    parent_comm = spawner.comm("par")
+    parent = spawner.spawn("par", "sleep 60 & wait")
+    deadline = time.monotonic() + 5
+    while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (child,) = psutil.Process(parent.pid).children()
+    _wait_for(child.pid, "sleep")
+    config = [{"comm": [parent_comm], "name": "parent-group-" + spawner.tag}]
+    on = Exporter(config).scrape()
+    off = Exporter(config, children=False).scrape()
+    assert value(on, G + "num_procs", groupname="parent-group-" + spawner.tag) == 2
+    assert value(off, G + "num_procs", groupname="parent-group-" + spawner.tag) == 1
+
+
+def test_group_membership_is_decided_once_per_incarnation(spawner: Spawner) -> None:
+    child = spawner.spawn("once", "read _; exec sleep 60")
+    group = spawner.comm("once")
+    exporter = Exporter()
+    assert value(exporter.scrape(), G + "num_procs", groupname=group) == 1
+    child.stdin.write(b"\n")  # the shell now execs sleep: same pid, new comm and cmdline
+    child.stdin.flush()
+    _wait_for(child.pid, "sleep")
+    values = exporter.scrape()
+    assert value(values, G + "num_procs", groupname=group) == 1
+
+
+# -- per-process series ------------------------------------------------------------------
+
+def test_top_n_by_cpu_shows_the_busy_process(spawner: Spawner) -> None:
+    busy = spawner.busy("hot")
+    exporter = Exporter(per_process_top_n=3, per_process_by="cpu")
+    exporter.scrape()
+    time.sleep(0.3)
+    values = exporter.scrape()
+    per_process = {labels for name, labels in values if name.startswith("procfleet_process_")}
+    pids = {dict(labels)["pid"] for labels in per_process}
+    assert str(busy.pid) in pids  # other busy processes on this host may rank too
+    assert len(pids) == 3
+    user = value(values, "procfleet_process_cpu_seconds_total",
+                 groupname=spawner.comm("hot"), pid=str(busy.pid), mode="user")
+    assert user is not None and user > 0
+
+
+def test_top_n_by_memory_and_selected_groups(spawner: Spawner) -> None:
+    idle = [spawner.spawn("sel") for _ in range(2)]
+    exporter = Exporter(per_process_top_n=3, per_process_by="memory",
+                        per_process_groups=(spawner.comm("sel"),))
+    values = exporter.scrape()
+    rss = {dict(labels)["pid"]: v for (name, labels), v in values.items()
+           if name == "procfleet_process_resident_memory_bytes"}
+    assert {str(c.pid) for c in idle} <= set(rss)
+    assert 3 <= len(rss) <= 5
+    biggest = sorted((p.info["memory_info"].rss for p in psutil.process_iter(["memory_info"])
+                      if p.info["memory_info"]), reverse=True)
+    assert max(rss.values()) >= biggest[2]
+
+
+def test_per_process_series_are_off_by_default() -> None:
+    assert "procfleet_process_" not in Exporter().text()
+
+
+# -- exposition quality ------------------------------------------------------------------
+
+@pytest.mark.skipif(not Path(PROMTOOL).exists(), reason="promtool is not installed")
+def test_promtool_accepts_a_real_scrape(spawner: Spawner) -> None:
+    spawner.spawn("prom")
+    exporter = Exporter(per_process_top_n=5, per_process_groups=(spawner.comm("prom"),),
+                        smaps=True)
+    exporter.scrape()
+    text = exporter.text()
+    assert 'memtype="proportionalResident"' in text
+    done = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(),
+                          capture_output=True, timeout=30)
+    output = (done.stdout + done.stderr).decode()
+    assert done.returncode == 0 and output.strip() == "", output
+
+
+def test_concurrent_scrapes_are_consistent(spawner: Spawner) -> None:
+    for _ in range(3):
+        spawner.spawn("conc")
+    group = spawner.comm("conc")
+    exporter = Exporter()
+    seen: list[float | None] = []
+    failures: list[BaseException] = []
+
+    def scrape() -> None:
+        try:
+            for _ in range(5):
+                seen.append(value(exporter.scrape(), G + "num_procs", groupname=group))
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=scrape) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert failures == []
+    assert seen == [3] * 20
+
+
+# -- options -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, expected", [
+    ("yes", ["metrics: must be a mapping, got str"]),
+    ({"smap": True}, ["metrics.smap: unknown key"]),
+    ({"smaps": "yes"}, ["metrics.smaps: must be a boolean, got str"]),
+    ({"drop_empty_groups": 1}, ["metrics.drop_empty_groups: must be a boolean, got int"]),
+    ({"per_process_top_n": True}, ["metrics.per_process_top_n: must be an integer"]),
+    ({"per_process_top_n": -1}, ["metrics.per_process_top_n: must be between 0 and"]),
+    ({"per_process_top_n": MAX_TOP_N + 1}, ["metrics.per_process_top_n: must be between"]),
+    ({"per_process_by": "rss"}, ["metrics.per_process_by: must be one of cpu, memory"]),
+    ({"per_process_groups": "nginx"}, ["metrics.per_process_groups: must be a list"]),
+    ({"per_process_groups": ["ok", 7]}, ["metrics.per_process_groups[1]: must be a group"]),
+    ({"children": "no", "bogus": 1}, ["metrics.bogus: unknown key",
+                                      "metrics.children: must be a boolean"]),
+])
+def test_option_problems_are_named_by_key_path(raw: object, expected: list[str]) -> None:
+    problems = Problems()
+    parse_metrics_options(raw, problems)
+    assert len(problems.items) == len(expected), problems.items
+    for got, want in zip(problems.items, expected, strict=True):
+        assert got.startswith(want), got
+
+
+def test_options_parse() -> None:
+    problems = Problems()
+    options = parse_metrics_options({
+        "drop_empty_groups": True, "per_process_top_n": 10, "per_process_by": "memory",
+        "per_process_groups": ["nginx"], "smaps": True, "children": False}, problems)
+    assert problems.items == []
+    assert options == MetricsOptions(drop_empty_groups=True, per_process_top_n=10,
+                                     per_process_by="memory", per_process_groups=("nginx",),
+                                     smaps=True, children=False)
+    assert parse_metrics_options(None, problems) == MetricsOptions()
