@@ -241,3 +241,13 @@ def test_kernel_threads_have_no_exe_but_a_comm(reader) -> None:
     assert name_process(DEFAULT_GROUPS, kthreadd) == kthreadd.comm
     assert name_process(groups_of([{"cmdline": [".+"]}]), kthreadd) is None
     assert name_process(groups_of([{"exe": [kthreadd.comm]}]), kthreadd) is None
+
+
+def test_the_example_config_is_valid() -> None:
+    from exporter.config import load
+
+    example = Path(__file__).resolve().parents[2] / "config" / "exporter-groups.example.yml"
+    config = load(example)
+    assert len(config.groups) == 5
+    assert config.groups[2].name == "java:{{.Matches.jar}}@{{.Username}}"
+    assert config.metrics.per_process_top_n == 5
