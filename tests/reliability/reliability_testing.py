@@ -1,0 +1,149 @@
+"""Helpers for the reliability tests: real servers, real child processes, bounded waits.
+
+Everything here starts programs as users start them (the installed console scripts), on free
+127.0.0.1 ports, and cleans up after itself; every loop is bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+BIN = Path(sys.executable).parent
+EXPORTER = str(BIN / "procfleet-exporter")
+QUERY = str(BIN / "procfleet-query")
+SLEEPER = "import time\nwhile True: time.sleep(1)"
+# A fixed token for tests; only its SHA-256 goes into the exporter's config.
+TOKEN = "reliability-test-token-Zq7u2Lw9"
+TOKEN_SHA256 = hashlib.sha256(TOKEN.encode()).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float = 10.0,
+               what: str = "condition") -> None:
+    """Poll `check` until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Server:
+    """A service started as users start it, its stdout and stderr kept in a log file."""
+
+    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+        self.argv = argv
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self._log_file = log.open("wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, path: str = "/healthz", timeout: float = 20.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.argv[0]} exited early:\n{self.output()}")
+            try:
+                return requests.get(self.url + path, timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(ready, timeout=timeout, what=f"{self.url}{path}")
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(self.url + "/healthz", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/task"))
+
+    def stop(self) -> int:
+        """SIGTERM, wait (bounded), and return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(timeout=5)
+        self._log_file.close()
+        return code
+
+
+def start_exporter(tmp: Path, *extra: str, config: str | None = None,
+                   hostname: str | None = None) -> Server:
+    """`procfleet-exporter --listen 127.0.0.1:PORT [--config FILE] [--hostname NAME]`."""
+    port = free_port()
+    argv = [EXPORTER, "--listen", f"127.0.0.1:{port}", *extra]
+    if hostname is not None:
+        argv += ["--hostname", hostname]
+    if config is not None:
+        path = tmp / f"exporter-{port}.yml"
+        path.write_text(config)
+        argv += ["--config", str(path)]
+    server = Server(argv, port, tmp / f"exporter-{port}.log")
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def token_config(*, protect_metrics: bool = True) -> str:
+    return (f"auth:\n  token_sha256: {TOKEN_SHA256}\n"
+            f"  protect_metrics: {'true' if protect_metrics else 'false'}\n")
+
+
+def spawn_sleeper(*args: str) -> subprocess.Popen:
+    """A child that sleeps until killed, with `args` on its command line; visible on return."""
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPER, *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def visible() -> bool:
+        try:
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+                return f.read().split(b"\0")[1:2] == [b"-c"]
+        except OSError:
+            return False
+
+    wait_until(visible, what=f"child {proc.pid} to exec")
+    return proc
+
+
+def reap(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
