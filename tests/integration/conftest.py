@@ -25,6 +25,7 @@ from integration_testing import (
     Exporter,
     Groups,
     PrometheusAPI,
+    QueryService,
     free_port,
     process_visible,
     running,
@@ -102,9 +103,54 @@ def exporters(tmp_path_factory: pytest.TempPathFactory, exporter_token: str,
         yield started
 
 
-def prometheus_config(exporters: list[Exporter], token_file: Path, sd_file: Path) -> dict:
+def keygen(name: str, permission: str) -> tuple[str, dict]:
+    """Run `procfleet-query keygen` as users do: (the key, its auth.api_keys entry)."""
+    out = subprocess.run([str(VENV_BIN / "procfleet-query"), "keygen", "--name", name,
+                          "--permission", permission], capture_output=True, text=True,
+                         check=True, timeout=30).stdout
+    keys = [line.split()[-1] for line in out.splitlines()
+            if line.startswith("#") and len(line.split()) == 2]
+    assert len(keys) == 1, f"no key in keygen output:\n{out}"
+    entry = yaml.safe_load("\n".join(line for line in out.splitlines()
+                                     if not line.startswith("#")))
+    assert isinstance(entry, list) and len(entry) == 1, out
+    return keys[0], entry[0]
+
+
+@pytest.fixture(scope="session")
+def query_service(tmp_path_factory: pytest.TempPathFactory, exporters: list[Exporter],
+                  exporter_token: str) -> Iterator[QueryService]:
+    """`python -m query` on a free port, knowing the two exporters plus one in maintenance
+    and one that refuses connections (hosts sort as: itest-0, itest-1, itest-2, itest-3)."""
+    tmp = tmp_path_factory.mktemp("query")
+    key, key_entry = keygen("itest", "process:read")
+    node_key, node_entry = keygen("itest-nodes", "node:read")
+    static = [{"hostname": e.hostname, "url": e.url, "labels": {"group": f"itest.{i}"}}
+              for i, e in enumerate(exporters)]
+    static.append({"hostname": "itest-2", "url": exporters[0].url,
+                   "labels": {"group": "itest.maint"}, "maintenance": True})
+    static.append({"hostname": "itest-3", "url": f"http://127.0.0.1:{free_port()}",
+                   "labels": {"group": "itest.gone"}})
+    config = {
+        "timeouts": {"exporter": 2.0, "request": 5.0},
+        "exporter_token": exporter_token,
+        "auth": {"enabled": True, "api_keys": [key_entry, node_entry]},
+        "exporters": static,
+    }
+    config_file = tmp / "query.yml"
+    config_file.write_text(yaml.safe_dump(config))
+    port = free_port()
+    argv = [str(VENV_BIN / "python"), "-m", "query", "--config", str(config_file),
+            "--listen", f"127.0.0.1:{port}"]
+    url = f"http://127.0.0.1:{port}"
+    with running(argv, ready_url=f"{url}/healthz", log=tmp / "query.log"):
+        yield QueryService(url, key, node_key, f"127.0.0.1:{port}")
+
+
+def prometheus_config(exporters: list[Exporter], query: QueryService, token_file: Path,
+                      sd_file: Path) -> dict:
     """config/prometheus.yml made fit for the test: 1 s scrapes, the token lines switched on,
-    the static example target dropped and the file_sd glob pointed at `sd_file`."""
+    the static example targets replaced by the test's, the file_sd glob pointed at `sd_file`."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     config["global"].update(scrape_interval=SCRAPE_INTERVAL, scrape_timeout=SCRAPE_INTERVAL,
                             evaluation_interval=SCRAPE_INTERVAL)
@@ -115,14 +161,15 @@ def prometheus_config(exporters: list[Exporter], token_file: Path, sd_file: Path
     job["file_sd_configs"] = [{"files": [str(sd_file)], "refresh_interval": "1s"}]
     sd_file.write_text(yaml.safe_dump([
         {"targets": [e.instance], "labels": {"hostname": e.hostname}} for e in exporters]))
-    # The query service's own job is checked by the CLI tests' fixture, not here.
-    config["scrape_configs"] = [job]
+    query_job = jobs["procfleet-query"]
+    query_job["static_configs"] = [{"targets": [query.instance]}]
+    assert set(jobs) == {"procfleet", "procfleet-query"}, "a new job in prometheus.yml?"
     return config
 
 
 @pytest.fixture(scope="session")
 def prometheus(tmp_path_factory: pytest.TempPathFactory, exporters: list[Exporter],
-               exporter_token: str) -> Iterator[PrometheusAPI]:
+               query_service: QueryService, exporter_token: str) -> Iterator[PrometheusAPI]:
     """/usr/bin/prometheus on a free port with a temporary TSDB, scraping the exporters;
     yields once every target is up and has been scraped at least three times."""
     tmp = tmp_path_factory.mktemp("prometheus")
@@ -131,7 +178,8 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, exporters: list[Exporte
     token_file.chmod(0o600)
     config_file = tmp / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(
-        prometheus_config(exporters, token_file, tmp / "targets-procfleet.yml")))
+        prometheus_config(exporters, query_service, token_file,
+                          tmp / "targets-procfleet.yml")))
     port = free_port()
     argv = [PROMETHEUS, f"--config.file={config_file}", f"--storage.tsdb.path={tmp / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
@@ -139,17 +187,17 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, exporters: list[Exporte
     url = f"http://127.0.0.1:{port}"
     with running(argv, ready_url=f"{url}/-/ready", log=tmp / "prometheus.log", timeout=30):
         api = PrometheusAPI(url)
-        instances = {e.instance for e in exporters}
+        instances = {e.instance for e in exporters} | {query_service.instance}
 
         def all_up() -> bool:
             healthy = {t["labels"]["instance"] for t in api.targets() if t["health"] == "up"}
             return instances <= healthy
 
-        wait_until(all_up, timeout=20, what="every exporter target up in Prometheus")
+        wait_until(all_up, timeout=20, what="every target up in Prometheus")
         # Three scrapes, so that rate() over a few seconds has samples everywhere.
         def scraped_thrice() -> bool:
-            counts = api.values('count_over_time(up{job="procfleet"}[1m])')
+            counts = api.values("count_over_time(up[1m])")
             return set(counts) >= instances and min(counts.values()) >= 3
 
-        wait_until(scraped_thrice, timeout=20, what="three scrapes of every exporter")
+        wait_until(scraped_thrice, timeout=20, what="three scrapes of every target")
         yield api

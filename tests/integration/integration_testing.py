@@ -53,6 +53,16 @@ class Exporter:
     hostname: str
 
 
+@dataclass(frozen=True)
+class QueryService:
+    """A running query service and the API keys made for it with `procfleet-query keygen`."""
+
+    url: str
+    key: str  # process:read
+    node_key: str  # node:read only: a 403 for process lookups
+    instance: str
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago."""
     with socket.socket() as sock:

@@ -12,6 +12,7 @@ from integration_testing import (
     Exporter,
     Groups,
     PrometheusAPI,
+    QueryService,
     process_visible,
     spawn_child,
     stop,
@@ -124,3 +125,10 @@ def test_exporter_health_series(prometheus: PrometheusAPI, exporters: list[Expor
     resets = prometheus.values('sum by (instance) '
                                '(resets(namedprocess_namegroup_cpu_seconds_total[1m]))')
     assert resets == {e.instance: 0.0 for e in exporters}
+
+
+def test_query_service_job_scrapes_its_own_metrics(prometheus: PrometheusAPI,
+                                                   query_service: QueryService) -> None:
+    assert prometheus.values('up{job="procfleet-query"}') == {query_service.instance: 1.0}
+    names = prometheus.label_values("__name__", '{job="procfleet-query"}')
+    assert any(not n.startswith(("up", "scrape_")) for n in names), names

@@ -1,0 +1,398 @@
+"""`procfleet`: the command-line client of the query service.
+
+    procfleet get TARGET PID
+    procfleet ps TARGET [--name NAME] [--user USER] [--sort cpu|mem|rss|start] [--limit N]
+
+It calls `GET /node/{target}/process/{pid}` or `GET /node/{target}/process` and prints one
+aligned table with a row per process, grouped by host, then a line per host that failed or
+was skipped; `--json` prints the service's body unchanged. Only the standard library is used,
+so the client installs anywhere Python does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NoReturn, TextIO
+
+from procfleet import __version__
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_TIMEOUT = 10.0
+SORT_KEYS = ("cpu", "mem", "rss", "start")
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
+EXIT_SERVICE = 3
+
+COLUMNS = ("HOST", "PID", "NAME", "USER", "STATE", "CPU%", "MEM%", "RSS", "STARTED", "COMMAND")
+_RIGHT_ALIGNED = frozenset({"PID", "CPU%", "MEM%", "RSS"})
+
+EPILOG = f"""\
+targets:
+  web-01            the exporter with this host name
+  _any              any one healthy exporter
+  _all              every exporter
+  group:web         every exporter whose label group is web or starts with web.
+  group:web,env:prod  exporters matching all the selectors
+
+environment:
+  PROCFLEET_URL       query service URL when --url is not given (default {DEFAULT_URL})
+  PROCFLEET_API_KEY   API key when --key is not given; sent as 'Authorization: Bearer'
+
+exit status:
+  0  something was found (hosts that failed or were skipped are listed after the table)
+  1  nothing was found: no such process, no process matched, or no exporter matches TARGET
+  2  usage error: bad arguments, or the service rejected the PID or TARGET (400)
+  3  the query service failed or could not be reached: refused, timed out, 401/403, 5xx,
+     or an answer that is not the documented JSON
+
+examples:
+  procfleet get web-01 1234
+  procfleet ps group:web --name 'nginx*' --sort cpu --limit 5
+  PROCFLEET_URL=https://procfleet.example.net procfleet --json get _all 1 | jq .
+"""
+
+
+class CliError(Exception):
+    """Ends the command with `message` on stderr and `status` as exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer of the query service: status, raw body, and the body parsed as JSON."""
+
+    status: int
+    body: bytes
+    data: Any
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with EXIT_USAGE and a one-line hint, never a traceback."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n"
+                              f"Try '{self.prog} --help' for more.\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Shared options may come before or after the command; SUPPRESS keeps a subcommand
+    # from resetting what was given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS, metavar="URL",
+                        help=f"query service base URL (default: $PROCFLEET_URL, else "
+                             f"{DEFAULT_URL})")
+    common.add_argument("--key", default=argparse.SUPPRESS, metavar="KEY",
+                        help="API key, sent as 'Authorization: Bearer KEY' (default: "
+                             "$PROCFLEET_API_KEY; none when unset)")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+                        help=f"give up after this many seconds (default {DEFAULT_TIMEOUT:g})")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the service's JSON body unchanged instead of a table")
+    common.add_argument("--wide", action="store_true", default=argparse.SUPPRESS,
+                        help="never cut the COMMAND column to the terminal width")
+
+    parser = _Parser(
+        prog="procfleet", parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Look up processes across the fleet through the procfleet query service.",
+        epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    get = commands.add_parser(
+        "get", parents=[common], help="one process by PID on the targeted hosts",
+        description="Show the process with this PID on every host TARGET selects.",
+        epilog="exit status: 0 found on at least one host, 1 not found, 2 usage, "
+               "3 service error")
+    get.add_argument("target", metavar="TARGET",
+                     help="a host name, _any, _all, or label selectors like group:web")
+    get.add_argument("pid", metavar="PID", help="a process id (1 to 2147483647)")
+
+    ps = commands.add_parser(
+        "ps", parents=[common],
+        help="list processes (filtered, sorted, top-N) on the targeted hosts",
+        description="List the processes of every host TARGET selects, filtered and sorted "
+                    "by each exporter.",
+        epilog="exit status: 0 some process listed, 1 none matched, 2 usage, 3 service error")
+    ps.add_argument("target", metavar="TARGET",
+                    help="a host name, _any, _all, or label selectors like group:web")
+    ps.add_argument("--name", metavar="NAME",
+                    help="process name, exact or a glob like 'nginx*'")
+    ps.add_argument("--user", metavar="USER", help="only processes of this user")
+    ps.add_argument("--sort", choices=SORT_KEYS,
+                    help="largest first: cpu, mem (percent), rss, or start (newest first)")
+    ps.add_argument("--limit", type=_positive_int, metavar="N",
+                    help="at most N processes per host (a top-N with --sort)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+# -- talking to the query service ----------------------------------------------------------
+
+def request_path(args: argparse.Namespace) -> str:
+    """The path and query string of the call `args` asks for."""
+    target = urllib.parse.quote(args.target, safe=":,_-.")
+    if args.command == "get":
+        return f"/node/{target}/process/{urllib.parse.quote(args.pid, safe='')}"
+    params = {k: getattr(args, k) for k in ("name", "user", "sort", "limit")
+              if getattr(args, k) is not None}
+    query = urllib.parse.urlencode(params)
+    return f"/node/{target}/process" + (f"?{query}" if query else "")
+
+
+def call_service(base_url: str, path: str, *, key: str | None, timeout: float) -> Reply:
+    """GET `path` from the query service; any failure to get an answer is a CliError(3)."""
+    url = base_url.rstrip("/") + path
+    headers = {"Accept": "application/json", "User-Agent": f"procfleet-cli/{__version__}"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, headers=headers, method="GET")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+        exc.close()
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, TimeoutError):
+            why = f"no answer within {timeout:g} s"
+        else:
+            why = getattr(reason, "strerror", None) or str(reason)
+        raise CliError(f"cannot reach the query service at {base_url}: {why}",
+                       EXIT_SERVICE) from None
+    except TimeoutError:
+        raise CliError(f"the query service at {base_url} gave no answer within {timeout:g} s",
+                       EXIT_SERVICE) from None
+    except OSError as exc:  # reset connections, TLS errors mid-read, ...
+        raise CliError(f"talking to the query service at {base_url} failed: "
+                       f"{exc.strerror or exc}", EXIT_SERVICE) from None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    return Reply(status, body, data)
+
+
+# -- deciding what the answer means ----------------------------------------------------------
+
+def check_reply(reply: Reply, base_url: str) -> list[Mapping[str, Any]]:
+    """The results of a 200, or a CliError with the service's error and the exit status."""
+    data = reply.data
+    if reply.status == 200:
+        if (isinstance(data, dict) and isinstance(data.get("results"), list)
+                and all(isinstance(r, dict) and isinstance(r.get("hostname"), str)
+                        for r in data["results"])):
+            return data["results"]
+        raise CliError(f"the service at {base_url} answered 200 with a body that is not the "
+                       "documented {job_id, results} JSON", EXIT_SERVICE)
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        message = data["error"]
+        if data.get("details"):
+            message += f": {data['details']}"
+    else:
+        message = f"HTTP {reply.status} without the documented error JSON"
+    hint = {401: " (give an API key with --key or PROCFLEET_API_KEY)",
+            403: " (the API key needs the process:read permission)"}.get(reply.status, "")
+    status = {400: EXIT_USAGE, 404: EXIT_NOT_FOUND}.get(reply.status, EXIT_SERVICE)
+    if status == EXIT_SERVICE:
+        message = f"query service error {reply.status}: {message}"
+    raise CliError(_text(message) + hint, status)
+
+
+def rows_of(results: Sequence[Mapping[str, Any]], field: str) -> list[dict[str, Any]]:
+    """(host, process) rows of the ok results, in the service's order (sorted by host)."""
+    rows = []
+    for result in results:
+        if result.get("status") != "ok":
+            continue
+        found = result.get(field)
+        processes = [found] if field == "process" else found
+        for process in processes or ():
+            if isinstance(process, dict):
+                rows.append({"host": result["hostname"], **process})
+    return rows
+
+
+def problem_lines(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per host that failed or was skipped."""
+    lines = []
+    for result in results:
+        status = result.get("status")
+        if status != "ok":
+            reason = _text(result.get("error", "no reason given"))
+            lines.append(f"{_text(result['hostname'])}: {_text(status)}: {reason}")
+    return lines
+
+
+# -- formatting -------------------------------------------------------------------------------
+
+def human_bytes(count: float | None) -> str:
+    """1536 -> '1.5K', binary units as ps and top print them; '-' when unknown."""
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            if unit == "B":
+                return f"{int(value)}B"
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _percent(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, int | float) else "-"
+
+
+def _started(text: Any) -> str:
+    """RFC 3339 start time as `2026-01-15 10:30:00` (UTC), or '-'."""
+    if not isinstance(text, str):
+        return "-"
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+    except ValueError:
+        return text
+    return when.strftime("%Y-%m-%d %H:%M:%S")
+
+
+# Command lines may hold newlines and terminal escape sequences (argv is whatever a process
+# was given): show them escaped, so one process stays one line and cannot drive the terminal.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+_ESCAPES.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value).translate(_ESCAPES)
+
+
+def table_row(row: Mapping[str, Any]) -> tuple[str, ...]:
+    command = row.get("command")
+    if command == "" and row.get("name"):
+        command = f"[{row['name']}]"  # a kernel thread, as ps shows it
+    return (_text(row["host"]), _text(row.get("pid")), _text(row.get("name")),
+            _text(row.get("user")), _text(row.get("state")), _percent(row.get("cpu_percent")),
+            _percent(row.get("mem_percent")), human_bytes(row.get("mem_rss")),
+            _started(row.get("start_time")), _text(command))
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], width: int | None = None) -> list[str]:
+    """Aligned lines, header first; COMMAND is last and cut to `width` when given."""
+    cells = [COLUMNS, *(table_row(r) for r in rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS) - 1)]
+    lines = []
+    for line in cells:
+        parts = [cell.rjust(w) if name in _RIGHT_ALIGNED else cell.ljust(w)
+                 for name, cell, w in zip(COLUMNS, line, widths, strict=False)]
+        text = "  ".join([*parts, line[-1]])
+        if width and len(text) > width:
+            text = text[: max(width - 1, 0)] + "…"
+        lines.append(text.rstrip())
+    return lines
+
+
+def print_results(results: Sequence[Mapping[str, Any]], field: str, *, out: TextIO,
+                  width: int | None) -> int:
+    """Print the table and the failed/skipped lines; the exit status they imply."""
+    rows = rows_of(results, field)
+    if rows:
+        for line in format_table(rows, width):
+            print(line, file=out)
+    for line in problem_lines(results):
+        print(line, file=out)
+    return EXIT_OK if rows else EXIT_NOT_FOUND
+
+
+def nothing_found_message(args: argparse.Namespace, results: Sequence[Mapping[str, Any]]
+                          ) -> str:
+    hosts = len(results)
+    where = f"{hosts} host{'s' if hosts != 1 else ''}"
+    ok = sum(1 for r in results if r.get("status") == "ok")
+    if args.command == "get":
+        return f"process {args.pid} not found on any of {where} targeted by {args.target!r}"
+    if ok:
+        return f"no process matched on {where} targeted by {args.target!r}"
+    return f"no host targeted by {args.target!r} could list its processes ({where})"
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+def run(argv: Sequence[str], *, out: TextIO, err: TextIO,
+        environ: Mapping[str, str]) -> int:
+    """The whole command; returns the exit status (see EPILOG)."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    if args.command is None:
+        parser.print_help(err)
+        return EXIT_USAGE
+    base_url = getattr(args, "url", None) or environ.get("PROCFLEET_URL") or DEFAULT_URL
+    key = getattr(args, "key", None) or environ.get("PROCFLEET_API_KEY") or None
+    timeout = getattr(args, "timeout", DEFAULT_TIMEOUT)
+    as_json = getattr(args, "json", False)
+    wide = getattr(args, "wide", False)
+
+    scheme = urllib.parse.urlsplit(base_url)
+    if scheme.scheme not in ("http", "https") or not scheme.netloc:
+        raise CliError(f"--url / PROCFLEET_URL must be an http:// or https:// URL, "
+                       f"got {base_url!r}", EXIT_USAGE)
+    if not timeout > 0:
+        raise CliError("--timeout must be more than 0 seconds", EXIT_USAGE)
+
+    reply = call_service(base_url, request_path(args), key=key, timeout=timeout)
+    if as_json and reply.data is not None:
+        out.write(reply.body.decode("utf-8", errors="replace").rstrip("\n") + "\n")
+    results = check_reply(reply, base_url)
+    field = "process" if args.command == "get" else "processes"
+    if as_json:
+        status = EXIT_OK if rows_of(results, field) else EXIT_NOT_FOUND
+    else:
+        width = None if wide or not out.isatty() else shutil.get_terminal_size().columns
+        status = print_results(results, field, out=out, width=width)
+    if status == EXIT_NOT_FOUND:
+        raise CliError(nothing_found_message(args, results), EXIT_NOT_FOUND)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: `procfleet = procfleet.cli:main`."""
+    try:
+        return run(sys.argv[1:] if argv is None else argv, out=sys.stdout, err=sys.stderr,
+                   environ=os.environ)
+    except CliError as exc:
+        sys.stdout.flush()
+        print(f"procfleet: {exc.message}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print("procfleet: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `procfleet ps _all | head`: the reader left. Point stdout at /dev/null so the
+        # flush at exit does not complain, and say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
