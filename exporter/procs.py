@@ -190,6 +190,18 @@ def _split_cmdline(data: bytes) -> list[str]:
     return [_decode(p) for p in parts]
 
 
+_READ_CHUNK = 8192
+_READ_LIMIT = 1 << 20
+
+
+def _stat_counts_fds(proc_root: str) -> bool:
+    """Whether stat() of /proc/PID/fd gives the open fd count (Linux >= 6.2)."""
+    try:
+        return os.stat(f"{proc_root}/self/fd").st_size > 0  # stdio at least are open
+    except OSError:
+        return False
+
+
 def _status_int(status: bytes, key: bytes) -> int | None:
     at = status.find(key)
     if at < 0:
@@ -207,13 +219,31 @@ class ProcfsReader:
         self.system = system or SystemFacts()
         # max open files rarely changes; cache it per process incarnation.
         self._max_fds: dict[tuple[int, int], int | None] = {}
+        # Linux >= 6.2 reports the number of open fds as the size of /proc/PID/fd: one
+        # stat() instead of listing the directory.
+        self._fds_by_stat = _stat_counts_fds(proc_root)
 
     def pids(self) -> list[int]:
         return [int(d) for d in os.listdir(self.root) if d.isdigit()]
 
     def _read(self, path: str) -> bytes:
-        with open(path, "rb", buffering=0) as f:
-            return f.read(1 << 20)
+        # os.read into a small buffer: a 1 MiB buffer per read can cost an mmap/munmap pair,
+        # more than reading the file. A short read is the end of these files.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.read(fd, _READ_CHUNK)
+            if len(data) < _READ_CHUNK:
+                return data
+            chunks, size = [data], len(data)
+            while size < _READ_LIMIT:
+                more = os.read(fd, min(_READ_LIMIT - size, 1 << 16))
+                if not more:
+                    break
+                chunks.append(more)
+                size += len(more)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
 
     def sample(self, pid: int, *, cmdline: bool = True, detail: bool = False) -> Sample:
         base = f"{self.root}/{pid}/"
@@ -271,7 +301,10 @@ class ProcfsReader:
         except (PermissionError, FileNotFoundError, ProcessLookupError):
             pass
         try:
-            sample.num_fds = len(os.listdir(base + "fd"))
+            if self._fds_by_stat:
+                sample.num_fds = os.stat(base + "fd").st_size
+            else:
+                sample.num_fds = len(os.listdir(base + "fd"))
         except (PermissionError, FileNotFoundError, ProcessLookupError):
             pass
         key = (sample.pid, sample.start_ticks)
