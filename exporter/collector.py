@@ -168,12 +168,16 @@ class ProcessCollector(Collector):
 
         for pid in reader.pids():
             inc = known.get(pid)
+            # A process no group wants is only read enough to see whether it is still
+            # the same incarnation; a new one is read in full, command line included.
+            detail = inc is None or inc.group is not None
             try:
-                sample = reader.sample(pid, cmdline=inc is None, detail=True)
+                sample = reader.sample(pid, cmdline=inc is None, detail=detail)
                 if inc is not None and inc.start != sample.start_ticks:
-                    inc = None  # the pid was reused: a new process, read its cmdline too
+                    inc, detail = None, True  # the pid was reused: a new process
                     sample = reader.sample(pid, cmdline=True, detail=True)
-                pss = reader.proportional_memory(pid) if smaps else None  # type: ignore[union-attr]
+                pss = (reader.proportional_memory(pid)  # type: ignore[union-attr]
+                       if smaps and detail else None)
             except ProcessGone:
                 errors["vanished"] += 1
                 continue

@@ -284,6 +284,16 @@ def test_unmatched_children_join_their_parents_group(spawner: Spawner) -> None:
     assert value(off, G + "num_procs", groupname="parent-group-" + spawner.tag) == 1
 
 
+def test_processes_no_group_wants_are_left_out(spawner: Spawner) -> None:
+    spawner.spawn("only")
+    exporter = Exporter([{"comm": [spawner.comm("only")]}], children=False)
+    for _ in range(2):  # the second scrape sees the left-out processes as known
+        values = exporter.scrape()
+        groups = {dict(labels)["groupname"] for name, labels in values
+                  if name == G + "num_procs"}
+        assert groups == {spawner.comm("only")}
+
+
 def test_group_membership_is_decided_once_per_incarnation(spawner: Spawner) -> None:
     child = spawner.spawn("once", "read _; exec sleep 60")
     group = spawner.comm("once")
