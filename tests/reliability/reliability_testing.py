@@ -147,3 +147,46 @@ def reap(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
+
+
+def new_api_key(name: str, *permissions: str) -> tuple[str, str]:
+    """(key, config lines) from `procfleet-query keygen`, as an operator makes them."""
+    argv = [QUERY, "keygen", "--name", name]
+    for permission in permissions:
+        argv += ["--permission", permission]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+    key = next(line.split()[-1] for line in out.splitlines() if line.startswith("#   "))
+    entry = "\n".join("    " + line for line in out.splitlines() if not line.startswith("#"))
+    return key, entry
+
+
+def query_config(exporters: list[tuple[str, str]], *, key_entries: list[str] | None = None,
+                 exporter_token: str | None = None, timeouts: tuple[float, float] = (2.0, 5.0),
+                 log_level: str = "info", extra: str = "") -> str:
+    """Query service YAML: static exporters (hostname, url), API keys (or auth off)."""
+    lines = [f"log_level: {log_level}",
+             f"timeouts: {{exporter: {timeouts[0]}, request: {timeouts[1]}}}"]
+    if key_entries:
+        lines += ["auth:", "  enabled: true", "  api_keys:", *key_entries]
+    else:
+        lines += ["auth:", "  enabled: false"]
+    if exporter_token is not None:
+        lines.append(f"exporter_token: {exporter_token}")
+    lines.append("exporters:")
+    lines += [f"  - {{hostname: {name}, url: \"{url}\"}}" for name, url in exporters]
+    return "\n".join(lines) + "\n" + extra
+
+
+def start_query(tmp: Path, config: str, *extra: str) -> Server:
+    """`procfleet-query --config FILE --listen 127.0.0.1:PORT`, ready when /healthz answers."""
+    port = free_port()
+    path = tmp / f"query-{port}.yml"
+    path.write_text(config)
+    argv = [QUERY, "--config", str(path), "--listen", f"127.0.0.1:{port}", *extra]
+    server = Server(argv, port, tmp / f"query-{port}.log")
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
