@@ -98,28 +98,39 @@ def _parse_template(source: str) -> tuple[_Template | None, str | None]:
 class GroupMatcher:
     """One `groups:` item: selectors that must all match, and a name template.
 
-    `comm` is a set of exact comm values; `exe` maps an argv[0] basename to the full path it
-    must equal ("" when the basename alone is enough); `cmdline` regexes are searched in
-    argv joined by spaces. A matcher with no selector at all matches every process.
+    `comm` is a set of exact comm values; `exe` pairs an argv[0] basename with the full path
+    argv[0] must equal ("" when the basename alone is enough); `cmdline` regexes are searched
+    in argv joined by spaces. A matcher with no selector at all matches every process.
     """
 
     name: str = DEFAULT_NAME
     comm: frozenset[str] | None = None
     exe: tuple[tuple[str, str], ...] | None = None
     cmdline: tuple[re.Pattern[str], ...] | None = None
-    template: _Template = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    template: _Template | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.template is None:
+        template = self.template
+        if template is None:
             template, why = _parse_template(self.name)
             if template is None:
                 raise ValueError(why)
             object.__setattr__(self, "template", template)
-        object.__setattr__(self, "_exe_map", dict(self.exe or ()))
+        object.__setattr__(self, "_tmpl", template)
+        # basename -> the full paths argv[0] may be, or None when any path will do
+        exes: dict[str, set[str] | None] = {}
+        for base, full in self.exe or ():
+            paths = exes.setdefault(base, set())
+            if paths is not None:
+                if full:
+                    paths.add(full)
+                else:
+                    exes[base] = None
+        object.__setattr__(self, "_exes", exes)
 
     @property
     def needs_username(self) -> bool:
-        return "Username" in self.template.fields
+        return "Username" in self._tmpl.fields  # type: ignore[attr-defined]
 
     def match(self, sample: Sample, username: str | Callable[[], str] = "") -> str | None:
         """The group name for this process, or None when the selectors do not all match.
@@ -133,8 +144,12 @@ class GroupMatcher:
         if self.exe is not None:
             if not argv:
                 return None
-            full = self._exe_map.get(_go_base(argv[0]))  # type: ignore[attr-defined]
-            if full is None or (full and full != argv[0]):
+            base = _go_base(argv[0])
+            exes = self._exes  # type: ignore[attr-defined]
+            if base not in exes:
+                return None
+            paths = exes[base]
+            if paths is not None and argv[0] not in paths:
                 return None
         matches: dict[str, str] = {}
         if self.cmdline is not None:
@@ -148,7 +163,7 @@ class GroupMatcher:
 
     def _name(self, sample: Sample, argv: Sequence[str], username: str | Callable[[], str],
               matches: Mapping[str, str]) -> str:
-        fields = self.template.fields
+        fields = self._tmpl.fields  # type: ignore[attr-defined]
         values: dict[str, Any] = {}
         if "Comm" in fields:
             values["Comm"] = sample.comm
@@ -162,7 +177,7 @@ class GroupMatcher:
             values["PID"] = sample.pid
         if "StartTime" in fields:
             values["StartTime"] = _go_time(sample.create_time)
-        return self.template.render(values, matches)
+        return self._tmpl.render(values, matches)  # type: ignore[attr-defined]
 
 
 def _go_base(path: str) -> str:

@@ -170,6 +170,9 @@ def test_exe_selector_by_basename_or_exact_path(spawner: Spawner, reader) -> Non
     assert name_of(groups_of([{"exe": [argv0], "name": "{{.ExeFull}}"}]),
                    reader, child.pid) == argv0
     assert name_of(groups_of([{"exe": [f"/elsewhere/{base}"]}]), reader, child.pid) is None
+    # Two paths with one basename: either may match (process-exporter keeps only the last).
+    assert name_of(groups_of([{"exe": [argv0, f"/elsewhere/{base}"]}]),
+                   reader, child.pid) == base
 
 
 def test_cmdline_regexes_must_all_match_and_capture(spawner: Spawner, reader) -> None:
