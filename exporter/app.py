@@ -168,6 +168,5 @@ def create_app(config: Config, *, reader: Reader | None = None,
     app.add_route("/process", ProcessListResource(lookup, config.hostname))
     app.add_route("/process/{pid}", ProcessResource(lookup))
     app.add_route("/metrics", MetricsResource(registry))
-    if resources.files("exporter").joinpath("openapi.json").is_file():
-        app.add_route("/openapi.json", OpenApiResource())
+    app.add_route("/openapi.json", OpenApiResource())
     return app
