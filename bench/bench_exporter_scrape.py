@@ -114,7 +114,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--scrapes", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=170.0, help="stop rounds after this")
+    parser.add_argument("--budget", type=float, default=140.0,
+                        help="start no new round after this many seconds")
     args = parser.parse_args()
     started = time.monotonic()
     # SIGTERM/SIGHUP become SystemExit so that the finally below reaps every child.
