@@ -293,15 +293,15 @@ class Service:
         return self.log_path.read_text(errors="replace")
 
     def get(self, path: str, headers: dict[str, str] | None = None,
-            timeout: float = 10.0) -> tuple[int, dict[str, str], Any]:
+            timeout: float = 10.0) -> tuple[int, Any, Any]:
         request = urllib.request.Request(self.base + path, headers=headers or {})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 body = response.read()
-                status, response_headers = response.status, dict(response.headers)
+                status, response_headers = response.status, response.headers
         except urllib.error.HTTPError as exc:
             body = exc.read()
-            status, response_headers = exc.code, dict(exc.headers)
+            status, response_headers = exc.code, exc.headers
             exc.close()
         ctype = response_headers.get("Content-Type", "")
         return status, response_headers, json.loads(body) if "json" in ctype else body
