@@ -6,7 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from reliability_testing import Server, start_exporter, token_config
+
+pytest.register_assert_rewrite("reliability_testing")
+
+from reliability_testing import Server, start_exporter, token_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,15 @@ Everything here starts programs as users start them (the installed console scrip
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from http.client import HTTPResponse
 from pathlib import Path
 
 import requests
@@ -25,6 +27,7 @@ SLEEPER = "import time\nwhile True: time.sleep(1)"
 # A fixed token for tests; only its SHA-256 goes into the exporter's config.
 TOKEN = "reliability-test-token-Zq7u2Lw9"
 TOKEN_SHA256 = hashlib.sha256(TOKEN.encode()).hexdigest()
+ERROR_KEYS = {"error", "details", "code"}
 
 
 def free_port() -> int:
@@ -190,3 +193,25 @@ def start_query(tmp: Path, config: str, *extra: str) -> Server:
         server.stop()
         raise
     return server
+
+
+def raw_request(port: int, target: bytes, headers: Sequence[tuple[bytes, bytes]] = (),
+                timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """Send one GET with exactly this request-target and these header lines; read the answer."""
+    lines = [b"GET " + target + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close"]
+    lines += [name + b": " + value for name, value in headers]
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
+        response = HTTPResponse(sock)
+        response.begin()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+
+
+def assert_error_body(status: int, headers: dict[str, str], body: bytes) -> dict:
+    """The one error shape: JSON {error, details, code}, all set, code equal to the status."""
+    assert headers.get("content-type", "").startswith("application/json"), headers
+    doc = json.loads(body)
+    assert doc.keys() == ERROR_KEYS, doc
+    assert doc["code"] == status and doc["error"] and doc["details"], doc
+    return doc

@@ -9,10 +9,8 @@ matching the served OpenAPI document (`exporter/openapi.json`). Hypothesis runs 
 from __future__ import annotations
 
 import json
-import socket
 import string
 from collections.abc import Callable
-from http.client import HTTPResponse
 from importlib import resources
 from pathlib import Path
 
@@ -21,14 +19,13 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from reliability_testing import TOKEN, Server, spawn_sleeper
+from reliability_testing import TOKEN, Server, assert_error_body, raw_request, spawn_sleeper
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi import checks as oas
 
 CASES = 500  # per operation and generation mode
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 OPEN_PATHS = {"/", "/healthz"}
-ERROR_KEYS = {"error", "details", "code"}
 SCHEMA_CHECKS = [oas.status_code_conformance, oas.content_type_conformance,
                  oas.response_schema_conformance, oas.response_headers_conformance]
 
@@ -125,27 +122,6 @@ def test_schemathesis(schema: schemathesis.BaseSchema, token_exporter: Server, l
 
 
 # -- raw requests: bytes on the wire, nothing normalised by a client library ---------------
-
-
-def raw_request(port: int, target: bytes, headers: list[tuple[bytes, bytes]] = (),
-                timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    """Send one GET with exactly this request-target and these header lines; read the answer."""
-    lines = [b"GET " + target + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close"]
-    lines += [name + b": " + value for name, value in headers]
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
-        response = HTTPResponse(sock)
-        response.begin()
-        body = response.read()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
-
-
-def assert_error_body(status: int, headers: dict[str, str], body: bytes) -> dict:
-    assert headers.get("content-type", "").startswith("application/json"), headers
-    doc = json.loads(body)
-    assert doc.keys() == ERROR_KEYS, doc
-    assert doc["code"] == status and doc["error"] and doc["details"], doc
-    return doc
 
 
 BAD_PIDS = [
