@@ -215,3 +215,122 @@ def assert_error_body(status: int, headers: dict[str, str], body: bytes) -> dict
     assert doc.keys() == ERROR_KEYS, doc
     assert doc["code"] == status and doc["error"] and doc["details"], doc
     return doc
+
+
+# -- misbehaving exporters ---------------------------------------------------------------------
+#
+# `python reliability_testing.py BEHAVIOUR=PORT ...` serves one misbehaving exporter per port
+# (stdlib asyncio only, so what goes on the wire is exactly what is written here). It prints
+# "ready" once every port listens. Behaviours:
+#
+#   hang       accepts, reads the request, never answers (keeps the connection open)
+#   slow       answers a valid 404 after 30 s (far past any timeout)
+#   trickle    sends the status line and headers, then one body byte every 0.5 s
+#   html       200 with an HTML page
+#   truncated  200 JSON whose Content-Length promises more than is sent, then closes
+#   cut        200 JSON with a correct length but a cut-off document: {"pid": 1, "na
+#   big        200 with a valid 2 MB JSON process object
+#   redirect   302 to a real-looking exporter URL
+#   drop       reads the request and closes the connection without a byte
+#   reset      reads the request and resets the connection (RST)
+#   garbage    answers bytes that are not HTTP
+
+FAULTS = ("hang", "slow", "trickle", "html", "truncated", "cut", "big", "redirect", "drop",
+          "reset", "garbage")
+
+
+async def _fake_exporter(behaviour: str, reader, writer) -> None:  # pragma: no cover - subprocess
+    import asyncio
+    import struct
+
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass
+            if behaviour == "hang":
+                await asyncio.sleep(3600)
+            if behaviour == "slow":
+                await asyncio.sleep(30)
+            if behaviour in ("drop", "reset"):
+                if behaviour == "reset":
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+                writer.close()
+                return
+            if behaviour == "garbage":
+                writer.write(b"\x00\x01 this is not HTTP \xff\r\n\r\n")
+                await writer.drain()
+                writer.close()
+                return
+            bodies = {
+                "slow": (404, "application/json",
+                         b'{"error": "process not found", "details": "x", "code": 404}'),
+                "html": (200, "text/html", b"<html><body><h1>Welcome to nginx!</h1></body>"
+                                           b"</html>"),
+                "cut": (200, "application/json", b'{"pid": 1, "na'),
+                "big": (200, "application/json",
+                        b'{"pid": 1, "name": "big", "command": "' + b"a" * (2 * 1024 * 1024)
+                        + b'"}'),
+                "trickle": (200, "application/json", b'{"pid": 1, "name": "slowpoke"}'),
+                "truncated": (200, "application/json", b'{"pid": 1, "name": "trunc'),
+                "redirect": (302, "text/plain", b"moved"),
+            }
+            status, ctype, body = bodies[behaviour]
+            length = len(body) + (500 if behaviour == "truncated" else 0)
+            head = (f"HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {length}\r\n")
+            if behaviour == "redirect":
+                head += "Location: http://127.0.0.1:9/process/1\r\n"
+            writer.write(head.encode() + b"\r\n")
+            if behaviour == "trickle":
+                for byte in body:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.5)
+            else:
+                writer.write(body)
+            await writer.drain()
+            if behaviour == "truncated":
+                writer.close()
+                return
+    except (ConnectionError, OSError):
+        return
+
+
+def _serve_fakes(pairs: list[str]) -> None:  # pragma: no cover - runs in a subprocess
+    import asyncio
+    import functools
+
+    async def main() -> None:
+        servers = []
+        for pair in pairs:
+            behaviour, port = pair.split("=")
+            handler = functools.partial(_fake_exporter, behaviour)
+            servers.append(await asyncio.start_server(handler, "127.0.0.1", int(port)))
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    asyncio.run(main())
+
+
+def start_fakes(behaviours: Sequence[str]) -> tuple[subprocess.Popen, dict[str, str]]:
+    """Serve these misbehaving exporters from one process; returns it and behaviour -> URL."""
+    ports = {b: free_port() for b in behaviours}
+    proc = subprocess.Popen([sys.executable, __file__, *(f"{b}={p}" for b, p in ports.items())],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # bounded: the process prints "ready" or exits
+    proc.stdout.close()  # it prints nothing more
+    if line.strip() != "ready":
+        reap(proc)
+        raise AssertionError(f"fake exporters did not start: {line!r}")
+    return proc, {b: f"http://127.0.0.1:{p}" for b, p in ports.items()}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _serve_fakes(sys.argv[1:])
