@@ -40,11 +40,11 @@ _RIGHT_ALIGNED = frozenset({"PID", "CPU%", "MEM%", "RSS"})
 
 EPILOG = f"""\
 targets:
-  web-01            the exporter with this host name
-  _any              any one healthy exporter
-  _all              every exporter
-  group:web         every exporter whose label group is web or starts with web.
-  group:web,env:prod  exporters matching all the selectors
+  web-01              the exporter with this host name
+  _any                any one healthy exporter
+  _all                every exporter
+  group:web           every exporter whose label group is web or starts with web.
+  group:web,env:prod  the exporters matching all the selectors
 
 environment:
   PROCFLEET_URL       query service URL when --url is not given (default {DEFAULT_URL})
@@ -339,14 +339,12 @@ def nothing_found_message(args: argparse.Namespace, results: Sequence[Mapping[st
 
 # -- entry point -------------------------------------------------------------------------------
 
-def run(argv: Sequence[str], *, out: TextIO, err: TextIO,
-        environ: Mapping[str, str]) -> int:
+def run(argv: Sequence[str], *, out: TextIO, environ: Mapping[str, str]) -> int:
     """The whole command; returns the exit status (see EPILOG)."""
     parser = build_parser()
     args = parser.parse_args(list(argv))
     if args.command is None:
-        parser.print_help(err)
-        return EXIT_USAGE
+        parser.error("say what to do: 'get TARGET PID' or 'ps TARGET'")
     base_url = getattr(args, "url", None) or environ.get("PROCFLEET_URL") or DEFAULT_URL
     key = getattr(args, "key", None) or environ.get("PROCFLEET_API_KEY") or None
     timeout = getattr(args, "timeout", DEFAULT_TIMEOUT)
@@ -378,8 +376,7 @@ def run(argv: Sequence[str], *, out: TextIO, err: TextIO,
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: `procfleet = procfleet.cli:main`."""
     try:
-        return run(sys.argv[1:] if argv is None else argv, out=sys.stdout, err=sys.stderr,
-                   environ=os.environ)
+        return run(sys.argv[1:] if argv is None else argv, out=sys.stdout, environ=os.environ)
     except CliError as exc:
         sys.stdout.flush()
         print(f"procfleet: {exc.message}", file=sys.stderr)
