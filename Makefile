@@ -42,7 +42,7 @@ test: install debs ## Run the whole test suite (fails when any test fails)
 
 .PHONY: lint
 lint: install ## ruff over the code
-	$(VENV)/bin/ruff check exporter query tests bench
+	$(VENV)/bin/ruff check procfleet exporter query tests bench setup.py
 
 .PHONY: bench
 bench: install debs ## Run the benchmarks under bench/ (writes bench/results/)

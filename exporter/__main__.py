@@ -11,7 +11,7 @@ import sys
 from procfleet import __version__
 from procfleet.configcheck import ConfigError
 from procfleet.logs import setup_logging
-from procfleet.serve import ListenError, parse_listen, serve
+from procfleet.serve import ListenError, is_loopback, parse_listen, serve
 
 log = logging.getLogger("procfleet.exporter")
 
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="host name this exporter reports (default: the system's)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (default: info, or log_level from the file)")
+    parser.add_argument("--allow-unauthenticated-nonloopback", action="store_true",
+                        help="serve on a non-loopback address without a token (command lines "
+                             "and metrics are then readable by anyone who can connect)")
     parser.add_argument("--threads", type=int, default=4, metavar="N",
                         help="request worker threads (default 4)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -76,12 +79,19 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     config = config.with_overrides(listen=listen, hostname=args.hostname)
+    host, port = config.listen
+    if (not config.auth.enabled and not is_loopback(host)
+            and not args.allow_unauthenticated_nonloopback):
+        print(f"procfleet-exporter: refusing to serve on {host}:{port} without a token: "
+              "command lines are sensitive. Set auth.token_sha256 (see "
+              "'procfleet-exporter token'), listen on loopback, or pass "
+              "--allow-unauthenticated-nonloopback.", file=sys.stderr)
+        return 2
     setup_logging(args.log_level or config.log_level)
     log.info("starting exporter version %s for host %s (config: %s, token auth: %s)",
              __version__, config.hostname, config.source,
              "on" if config.auth.enabled else "off")
     app = create_app(config)
-    host, port = config.listen
     try:
         serve(app, host, port, logger=log, name="procfleet-exporter", threads=args.threads)
     except OSError as exc:
