@@ -375,8 +375,6 @@ def test_query_auth_off_on_a_public_address_when_forced(tmp: Path) -> None:
         assert server.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="exporter/__main__.py has no loopback check yet "
-                   "(reported); strict: this fails once it does, so remove the mark then")
 def test_exporter_refuses_no_token_on_a_public_address(tmp: Path) -> None:
     """Command lines are sensitive: an exporter without a token stays on loopback."""
     port = free_port()
@@ -391,6 +389,16 @@ def test_exporter_refuses_no_token_on_a_public_address(tmp: Path) -> None:
         code = server.stop()
     assert code != 0
     assert "Traceback" not in server.output() and "token" in server.output()
+
+
+def test_exporter_no_token_on_a_public_address_when_forced(tmp: Path) -> None:
+    port = free_port()
+    server = Server([EXPORTER, "--listen", f"0.0.0.0:{port}",
+                     "--allow-unauthenticated-nonloopback"], port, tmp / "forced.log")
+    try:
+        server.wait_ready()
+    finally:
+        assert server.stop() == 0
 
 
 def test_exporter_with_token_may_listen_publicly(tmp: Path) -> None:
