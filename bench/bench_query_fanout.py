@@ -1,0 +1,245 @@
+"""Fan-out benchmark: time `GET /node/_all/process/{pid}` through the real query service.
+
+Simulated exporters (many ports per helper process, each answering `/process/{pid}` after
+20 ms over keep-alive HTTP/1.1) stand in for a fleet; the real query service is started with
+`python -m query` and a generated config listing N of them (defaults otherwise: 2 s exporter
+timeout, 5 s deadline, 256 calls in flight). For each N the median wall time of several
+lookups is reported against the bars (≤ 60 ms at 200, ≤ 250 ms at 1,000; aim 40 and 150).
+10,000 is measured when the file-descriptor limit allows it.
+
+    .venv/bin/python bench/bench_query_fanout.py [--sizes 200,1000,10000] [--runs 7]
+
+Prints a table and writes bench/results/bench_query_fanout.json; exits 1 when a bar is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DELAY = 0.020
+PORTS_PER_HELPER = 2500  # a helper holds a listening socket and a connection per port
+BARS_MS = {200: (60, 40), 1000: (250, 150)}  # exporters: (bar, aim)
+RESULTS = Path(__file__).resolve().parent / "results"
+PID = 4242
+PROCESS_TEMPLATE = ('{"pid": %d, "name": "nginx", "user": "www-data", "state": "sleep", '
+                    '"cpu_percent": 2.5, "mem_percent": 1.2, "mem_rss": 12345678, '
+                    '"command": "nginx: master process /usr/sbin/nginx", '
+                    '"start_time": "2026-01-15T10:30:00Z"}')
+
+
+def raise_file_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+# -- simulated exporters (helper process) -------------------------------------------------
+
+class SimulatedExporter(asyncio.Protocol):
+    """Minimal keep-alive HTTP/1.1: every request is answered after `delay` seconds.
+
+    Deliberately cheap, so the benchmark measures the query service and not the fakes.
+    """
+
+    delay = DELAY
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        loop = asyncio.get_running_loop()
+        while b"\r\n\r\n" in self.buffer:
+            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            path = head.split(b" ", 2)[1]
+            loop.call_later(self.delay, self.answer, path)
+
+    def answer(self, path: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        if path.startswith(b"/process/") and path[9:].isdigit():
+            body = (PROCESS_TEMPLATE % int(path[9:])).encode()
+            status = b"200 OK"
+        else:
+            body, status = b'{"status": "ok"}', b"200 OK"
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+async def serve_exporters(count: int, delay: float) -> None:
+    SimulatedExporter.delay = delay
+    loop = asyncio.get_running_loop()
+    servers = [await loop.create_server(SimulatedExporter, "127.0.0.1", 0, backlog=64)
+               for _ in range(count)]
+    ports = [s.sockets[0].getsockname()[1] for s in servers]
+    sys.stdout.write(json.dumps({"ports": ports}) + "\n")
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+
+
+def start_helpers(total: int, delay: float = DELAY) -> tuple[list[subprocess.Popen], list[int]]:
+    """Start helper processes serving `total` simulated exporters; their ports."""
+    helpers, ports = [], []
+    remaining = total
+    while remaining > 0:
+        count = min(PORTS_PER_HELPER, remaining)
+        remaining -= count
+        helpers.append(subprocess.Popen([sys.executable, __file__, "--serve", str(count),
+                                         "--delay", str(delay)],
+                                        stdout=subprocess.PIPE, text=True))
+    for helper in helpers:
+        line = helper.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError("a simulated-exporter helper failed to start")
+        ports += json.loads(line)["ports"]
+    return helpers, ports
+
+
+# -- the query service -------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_query(ports: list[int], workdir: Path) -> tuple[subprocess.Popen, int, Path]:
+    config = workdir / f"query-{len(ports)}.yml"
+    lines = ["auth: {enabled: false}", "exporters:"]
+    lines += [f"  - {{hostname: sim-{i:05d}, url: \"http://127.0.0.1:{port}\"}}"
+              for i, port in enumerate(ports)]
+    config.write_text("\n".join(lines) + "\n")
+    port = free_port()
+    log_path = workdir / f"query-{len(ports)}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "query", "--config", str(config),
+                                    "--listen", f"127.0.0.1:{port}"],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"query service exited: {log_path.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return process, port, log_path
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("query service not ready in 30 s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def time_lookups(port: int, count: int, runs: int) -> dict:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    times = []
+    try:
+        for i in range(runs + 2):  # the first two warm the connection pools
+            started = time.perf_counter()
+            connection.request("GET", f"/node/_all/process/{PID}")
+            response = connection.getresponse()
+            body = response.read()
+            elapsed = time.perf_counter() - started
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {body[:300]!r}")
+            results = json.loads(body)["results"]
+            ok = sum(1 for r in results if r["status"] == "ok")
+            if len(results) != count or ok != count:
+                failed = [r for r in results if r["status"] != "ok"][:3]
+                raise RuntimeError(f"{ok}/{count} ok; e.g. {failed}")
+            if i >= 2:
+                times.append(elapsed * 1000)
+    finally:
+        connection.close()
+    return {"median_ms": round(statistics.median(times), 1), "min_ms": round(min(times), 1),
+            "max_ms": round(max(times), 1), "runs": len(times),
+            "all_ms": [round(t, 1) for t in times]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="200,1000,10000")
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--delay", type=float, default=DELAY, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    hard = raise_file_limit()
+    if args.serve:
+        asyncio.run(serve_exporters(args.serve, args.delay))
+        return 0
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    skipped = {}
+    for size in list(sizes):
+        if size + 1000 > hard:  # the query service holds a connection per exporter
+            skipped[size] = f"file-descriptor hard limit {hard} is too low for {size} exporters"
+            sizes.remove(size)
+    helpers, ports = start_helpers(max(sizes))
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-query-") as tmp:
+            for size in sizes:
+                query, port, _ = start_query(ports[:size], Path(tmp))
+                try:
+                    measured = time_lookups(port, size, args.runs if size < 10000 else 5)
+                finally:
+                    stop(query)
+                bar, aim = BARS_MS.get(size, (None, None))
+                rows.append({"exporters": size, **measured, "bar_ms": bar, "aim_ms": aim,
+                             "pass": None if bar is None else measured["median_ms"] <= bar})
+    finally:
+        for helper in helpers:
+            helper.terminate()
+        for helper in helpers:
+            helper.wait(timeout=10)
+            helper.stdout.close()  # type: ignore[union-attr]
+
+    print(f"\nquery fan-out: GET /node/_all/process/{{pid}}, exporters answering after "
+          f"{DELAY * 1000:.0f} ms ({os.cpu_count()} CPUs)")
+    print(f"{'exporters':>9} {'median ms':>10} {'min':>7} {'max':>7} {'bar':>5} {'aim':>5}  ok")
+    for row in rows:
+        verdict = {True: "PASS", False: "FAIL", None: "-"}[row["pass"]]
+        print(f"{row['exporters']:>9} {row['median_ms']:>10.1f} {row['min_ms']:>7.1f} "
+              f"{row['max_ms']:>7.1f} {row['bar_ms'] or '-':>5} {row['aim_ms'] or '-':>5}  "
+              f"{verdict}")
+    for size, reason in skipped.items():
+        print(f"{size:>9} skipped: {reason}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "bench_query_fanout.json"
+    passed = all(r["pass"] is not False for r in rows)
+    out.write_text(json.dumps({
+        "bench": "query_fanout", "exporter_delay_ms": DELAY * 1000,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "results": rows, "skipped": {str(k): v for k, v in skipped.items()},
+        "pass": passed}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
