@@ -104,7 +104,7 @@ class Config:
 
 def default_config() -> Config:
     """The built-in single-machine setup: the local exporter, as this host, auth off."""
-    name = socket.gethostname().split(".")[0]
+    name = socket.gethostname()  # as the exporter reports itself by default
     if not is_hostname(name):
         name = "localhost"
     return Config(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -60,7 +61,7 @@ def test_built_in_default_is_this_host_on_loopback() -> None:
     assert config.listen.startswith("127.0.0.1:")
     (local,) = config.exporters
     assert local.url == "http://127.0.0.1:9256"
-    assert local.hostname == socket.gethostname().split(".")[0]
+    assert local.hostname == socket.gethostname()
 
 
 @pytest.mark.parametrize("data, expected", [
@@ -151,3 +152,10 @@ def test_unreadable_and_invalid_yaml(tmp_path) -> None:
     bad.write_text("exporters: [\n")
     with pytest.raises(ConfigError, match="YAML syntax error"):
         load(bad)
+
+
+@pytest.mark.parametrize("name", ["query.yml", "query-fleet-example.yml"])
+def test_shipped_config_files_load(name: str) -> None:
+    path = Path(__file__).resolve().parents[2] / "config" / name
+    config = load(path)
+    assert config.auth.enabled and config.exporters
