@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from reliability_testing import (
@@ -106,10 +107,15 @@ def test_broadcast_reports_each_fault(faulty_query: Server, child: subprocess.Po
     def broadcast() -> None:
         box["answer"] = timed_get(f"{faulty_query.url}/node/_all/process/{child.pid}")
 
+    def victim_is_asked() -> bool:
+        # The query service's request reached the victim: it holds an accepted connection.
+        conns = psutil.Process(victim[0].pid).net_connections(kind="tcp")
+        return any(c.status == psutil.CONN_ESTABLISHED for c in conns)
+
     thread = threading.Thread(target=broadcast)
     thread.start()
-    time.sleep(0.3)  # the broadcast is under way: every exporter has been asked
-    victim[0].send_signal(signal.SIGKILL)
+    wait_until(victim_is_asked, timeout=REQUEST_DEADLINE, what="the broadcast to reach the victim")
+    victim[0].send_signal(signal.SIGKILL)  # mid-request: it has read the request, not answered
     thread.join(timeout=REQUEST_DEADLINE + 15)
     response, elapsed = box["answer"]  # type: ignore[misc]
     assert elapsed < REQUEST_DEADLINE + MARGIN
