@@ -75,8 +75,8 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def wrk(url: str, seconds: int, headers: dict[str, str]) -> dict:
-    command = ["wrk", "-t2", "-c16", f"-d{seconds}s", "--latency"]
+def wrk(url: str, seconds: int, headers: dict[str, str], conns: int = 16) -> dict:
+    command = ["wrk", f"-t{min(2, conns)}", f"-c{conns}", f"-d{seconds}s", "--latency"]
     for name, value in headers.items():
         command += ["-H", f"{name}: {value}"]
     output = subprocess.run(command + [url], capture_output=True, text=True, check=True,

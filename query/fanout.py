@@ -148,6 +148,29 @@ class FanoutError(RuntimeError):
     """The fan-out itself failed (its loop is stopped or did not answer in time)."""
 
 
+class _Job:
+    """A coroutine handed from a request thread to the loop; `done` is released when over."""
+
+    __slots__ = ("coro", "done", "task")
+
+    def __init__(self, coro: Any) -> None:
+        self.coro = coro
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.task: asyncio.Task | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.task = loop.create_task(self.coro)
+        self.task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self.done.release()
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
 class Fanout:
     """Calls exporters in parallel from a dedicated event-loop thread.
 
@@ -166,6 +189,9 @@ class Fanout:
         self._thread.start()
         self._closed = False
         self._base_urls: dict[str, URL] = {}
+        self._inbox: list[_Job] = []
+        self._inbox_lock = threading.Lock()
+        self._wake_pending = False
         self._session: aiohttp.ClientSession
         self._slots: asyncio.Semaphore
         asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout=10)
@@ -227,29 +253,37 @@ class Fanout:
     def _run(self, coro: Any) -> Any:
         """Run `coro` on the loop thread and wait for its result, bounded.
 
-        Like asyncio.run_coroutine_threadsafe(...).result(), with a bare lock instead of a
-        concurrent Future: the hand-over costs less, which a unicast lookup feels.
+        Like asyncio.run_coroutine_threadsafe(...).result(), but cheaper per request, which a
+        unicast lookup feels: the thread waits on a bare lock instead of a concurrent Future,
+        and submissions made while the loop has not yet picked up earlier ones share one
+        wake-up of the loop (each wake-up is a write to its self-pipe: a system call).
         """
         if self._closed:
             coro.close()
             raise FanoutError("the fan-out is closed")
-        done = threading.Lock()
-        done.acquire()
-        box: list[asyncio.Task] = []
-
-        def start() -> None:
-            task = self._loop.create_task(coro)
-            box.append(task)
-            task.add_done_callback(lambda _: done.release())
-
-        self._loop.call_soon_threadsafe(start)
+        job = _Job(coro)
+        with self._inbox_lock:
+            self._inbox.append(job)
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            self._loop.call_soon_threadsafe(self._start_jobs)
         # The coroutine enforces the deadline itself; this bound only guards against a
         # stuck loop, so a request thread can never wait forever.
-        if not done.acquire(timeout=self.request_timeout + 5.0):
-            self._loop.call_soon_threadsafe(lambda: box and box[0].cancel())
+        if not job.done.acquire(timeout=self.request_timeout + 5.0):
+            self._loop.call_soon_threadsafe(job.cancel)
             raise FanoutError(f"the fan-out did not finish within "
                               f"{self.request_timeout + 5.0:.1f} s")
-        return box[0].result()
+        assert job.task is not None
+        return job.task.result()
+
+    def _start_jobs(self) -> None:
+        with self._inbox_lock:
+            jobs = list(self._inbox)
+            self._inbox.clear()
+            self._wake_pending = False
+        for job in jobs:
+            job.start(self._loop)
 
     # -- inside the loop -----------------------------------------------------------------
 

@@ -302,3 +302,28 @@ def test_unknown_path_is_json_404(fleet_client) -> None:
     _error(fleet_client.simulate_get("/nothing/here"), 404, "not found")
     _error(fleet_client.simulate_post(f"/node/ok/process/{KNOWN_PID}"), 405,
            "method not allowed")
+
+
+def test_concurrent_requests_each_get_their_own_answer(fake_exporters, make_client) -> None:
+    """Many request threads share the one loop; answers must not cross between them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    entries = exporter_entries(fake_exporters, "ok", "slow", "refused", "error")
+    client = make_client(make_config(entries))
+    cases = [("ok", KNOWN_PID, 200), ("slow", KNOWN_PID, 200), ("ok", 12345, 404),
+             ("refused", KNOWN_PID, 500), ("error", KNOWN_PID, 500), ("_all", KNOWN_PID, 200)]
+
+    def ask(case):
+        target, pid, _ = case
+        result = client.simulate_get(f"/node/{target}/process/{pid}")
+        return result.status_code, result.json, result.headers["X-Request-Id"]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(ask, cases * 8))
+    for (target, _, code), (status, body, request_id) in zip(cases * 8, answers, strict=True):
+        assert status == code, (target, body)
+        if status == 200:
+            assert body["job_id"] == request_id
+            hosts = [r["hostname"] for r in body["results"]]
+            assert hosts == (["error", "ok", "refused", "slow"] if target == "_all" else [target])
+    assert len({a[2] for a in answers}) == len(answers)
