@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -26,8 +25,6 @@ from exporter.collector import (
 from exporter.groups import parse_groups
 from exporter.procs import UserNames, make_reader
 from procfleet.configcheck import Problems
-
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 G = "namedprocess_namegroup_"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -249,11 +246,13 @@ def test_a_process_started_after_the_first_scrape_counts_in_full(spawner: Spawne
 
 def test_processes_running_at_the_first_scrape_count_from_then(spawner: Spawner) -> None:
     child = spawner.busy("base")
-    time.sleep(0.3)
+    deadline = time.monotonic() + 20  # a loaded machine gives the child CPU slowly
+    while cpu_of(child) <= 0.1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cpu_of(child) > 0.1
     group = spawner.comm("base")
     exporter = Exporter([{"comm": [group]}])
     assert group_cpu(exporter.scrape(), group) == 0  # as process-exporter: a baseline
-    assert cpu_of(child) > 0.1
 
 
 def test_drop_empty_groups(spawner: Spawner) -> None:
@@ -343,7 +342,6 @@ def test_per_process_series_are_off_by_default() -> None:
 
 # -- exposition quality ------------------------------------------------------------------
 
-@pytest.mark.skipif(not Path(PROMTOOL).exists(), reason="promtool is not installed")
 def test_promtool_accepts_a_real_scrape(spawner: Spawner) -> None:
     spawner.spawn("prom")
     exporter = Exporter(per_process_top_n=5, per_process_groups=(spawner.comm("prom"),),
