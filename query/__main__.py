@@ -1,7 +1,8 @@
 """Command line: `procfleet-query [--config FILE] [--listen HOST:PORT]` and `… keygen`.
 
-Serves the query service with waitress until SIGTERM. A configuration problem prints the
-message (every problem by key path) and exits with status 2, never a traceback.
+Serves the query service with waitress until SIGTERM; SIGHUP re-reads the file's discovery
+keys and every discovery source. A configuration problem prints the message (every problem
+by key path) and exits with status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import logging
 import re
 import resource
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -20,7 +22,7 @@ from query import config as query_config
 from query.app import create_app
 from query.auth import key_hash, new_key
 from query.config import PERMISSIONS
-from query.discovery import Discovery
+from query.discovery import Discovery, DiscoveryError
 from query.fanout import Fanout
 
 log = logging.getLogger("query")
@@ -107,17 +109,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("authentication is disabled: every client may query every process")
 
     _raise_file_limit()
-    discovery = Discovery.from_config(config)
+    try:
+        discovery = Discovery.from_config(config)
+    except DiscoveryError as exc:
+        return _fail(f"invalid discovery in {config.source}:\n  - {exc}")
     log.info("configuration loaded", extra={"fields": {
         "source": config.source, "exporters": len(discovery.fleet.exporters),
         "auth": "on" if config.auth.enabled else "off"}})
-    with Fanout.from_config(config) as fanout:
-        app = create_app(config, discovery=discovery, fanout=fanout)
-        try:
-            serve(app, host, port, logger=log, name="procfleet-query", threads=config.threads)
-        except OSError as exc:
-            log.error("cannot listen", extra={"fields": {"listen": listen, "reason": exc}})
-            return 1
+    config_path = args.config
+    discovery.start(load_config=(lambda: query_config.load(config_path)) if config_path
+                    else None)
+    # The handler only sets a flag; the discovery thread does the work, off every request.
+    signal.signal(signal.SIGHUP, lambda signum, frame: discovery.request_reload())
+    try:
+        with Fanout.from_config(config) as fanout:
+            app = create_app(config, discovery=discovery, fanout=fanout)
+            try:
+                serve(app, host, port, logger=log, name="procfleet-query",
+                      threads=config.threads)
+            except OSError as exc:
+                log.error("cannot listen", extra={"fields": {"listen": listen, "reason": exc}})
+                return 1
+    finally:
+        discovery.close()
     return 0
 
 

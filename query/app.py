@@ -5,6 +5,7 @@ Routes (see openapi.json for the shapes):
     GET /node/{hostname}/process/{pid}   one process on the targeted exporters   process:read
     GET /node/{hostname}/process         each targeted exporter's process list   process:read
     GET /node                            known exporters, labels, last-seen health  node:read
+    GET /sd                              the exporters in Prometheus http_sd format  node:read
     GET /healthz, /metrics, /openapi.json                                        public
 """
 
@@ -25,7 +26,7 @@ from query import metrics as query_metrics
 from query import openapi
 from query.auth import PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
 from query.config import Config
-from query.discovery import Discovery
+from query.discovery import Discovery, http_sd
 from query.fanout import Fanout
 from query.lookup import Answer, Lookup
 from query.metrics import Metrics
@@ -50,7 +51,8 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
         fanout = Fanout.from_config(config)
         atexit.register(fanout.close)
     if metrics is None:
-        metrics = Metrics(exporter_count=lambda: len(discovery.fleet.exporters))
+        metrics = Metrics(exporter_count=lambda: len(discovery.fleet.exporters),
+                          reload_stats=discovery.reload_stats)
     lookup = Lookup(discovery, fanout, limits=config.fanout, observer=metrics)
     authenticator = Authenticator(config.auth)
 
@@ -60,6 +62,7 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
     app.add_route("/node/{hostname}/process/{pid}", ProcessResource(lookup))
     app.add_route("/node/{hostname}/process", ProcessListResource(lookup))
     app.add_route("/node", NodesResource(discovery))
+    app.add_route("/sd", ServiceDiscoveryResource(discovery))
     app.add_route("/healthz", HealthResource(discovery))
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenAPIResource())
@@ -202,6 +205,18 @@ class NodesResource:
         return {"hostname": exporter.hostname, "url": exporter.url,
                 "labels": dict(exporter.labels), "maintenance": exporter.maintenance,
                 "source": exporter.source, "health": described}
+
+
+class ServiceDiscoveryResource:
+    """`GET /sd`: the known exporters as Prometheus `http_sd` target groups."""
+
+    permission = "node:read"
+
+    def __init__(self, discovery: Discovery) -> None:
+        self.discovery = discovery
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = http_sd(self.discovery.fleet.exporters)
 
 
 class HealthResource:

@@ -13,6 +13,13 @@
     exporters:                                      # static discovery
       - {hostname: web-01, url: "http://10.0.0.1:9256", labels: {group: web.prod},
          maintenance: false, token: "<token>"}
+    file_sd: ["/etc/prometheus/targets/*.yml"]      # Prometheus file_sd files (globs)
+    prometheus: {url: "http://127.0.0.1:9090", job: procfleet,
+                 refresh_interval: 30, timeout: 5}   # a Prometheus job's active targets
+    discovery: {refresh_interval: 5}                # seconds between file_sd checks
+
+A relative `file_sd` pattern is relative to the configuration file's directory, as in
+Prometheus.
 
 With no file, `default_config()` is a single-machine setup: the local exporter known as this
 host's name, authentication off (the command line then refuses non-loopback addresses).
@@ -38,6 +45,7 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_EXPORTER_URL = "http://127.0.0.1:9256"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+FILE_SD_SUFFIXES = (".json", ".yml", ".yaml")
 
 __all__ = ["ConfigError", "Config", "load", "default_config"]
 
@@ -88,6 +96,23 @@ class ExporterEntry:
 
 
 @dataclass(frozen=True)
+class PrometheusSD:
+    """`prometheus:`: discover the active targets of one scrape job of a Prometheus server."""
+
+    url: str
+    job: str
+    refresh_interval: float = 30.0  # seconds between two reads of /api/v1/targets
+    timeout: float = 5.0  # seconds, for the whole HTTP call
+
+
+@dataclass(frozen=True)
+class DiscoverySettings:
+    """`discovery:`: how often file_sd files are checked for changes (their mtimes)."""
+
+    refresh_interval: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the query service is configured with."""
 
@@ -99,6 +124,9 @@ class Config:
     exporter_token: str | None = field(default=None, repr=False)
     auth: Auth = Auth()
     exporters: tuple[ExporterEntry, ...] = ()
+    file_sd: tuple[str, ...] = ()
+    prometheus: PrometheusSD | None = None
+    discovery: DiscoverySettings = DiscoverySettings()
     source: str = "built-in defaults"
 
 
@@ -115,15 +143,18 @@ def default_config() -> Config:
 
 def load(path: str | Path) -> Config:
     """Read and validate a YAML file, raising ConfigError listing every problem."""
-    return parse(read_yaml(path), source=str(path))
+    return parse(read_yaml(path), source=str(path), base_dir=Path(path).parent)
 
 
 _TOP_KEYS = {"listen", "threads", "log_level", "timeouts", "fanout", "exporter_token", "auth",
-             "exporters", "file_sd", "prometheus"}
+             "exporters", "file_sd", "prometheus", "discovery"}
 
 
-def parse(data: Any, *, source: str = "<config>") -> Config:
-    """Build a Config from parsed YAML, raising ConfigError listing every problem."""
+def parse(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Build a Config from parsed YAML, raising ConfigError listing every problem.
+
+    Relative `file_sd` patterns are taken relative to `base_dir` when it is given.
+    """
     problems = Problems()
     if data is None:
         data = {}
@@ -131,9 +162,6 @@ def parse(data: Any, *, source: str = "<config>") -> Config:
         problems.add("", f"the top level must be a mapping, got {type(data).__name__}")
         problems.raise_if_any(source)
     problems.unknown_keys(data, _TOP_KEYS, "")
-    for later in ("file_sd", "prometheus"):
-        if later in data:
-            problems.add(later, "not supported by this version yet (use static exporters:)")
 
     listen = problems.typed(data, "listen", str, DEFAULT_LISTEN, "")
     try:
@@ -157,6 +185,9 @@ def parse(data: Any, *, source: str = "<config>") -> Config:
         exporter_token=exporter_token,
         auth=_auth(problems, data.get("auth")),
         exporters=_exporters(problems, data.get("exporters")),
+        file_sd=_file_sd(problems, data.get("file_sd"), base_dir),
+        prometheus=_prometheus(problems, data.get("prometheus")),
+        discovery=_discovery(problems, data.get("discovery")),
         source=source,
     )
     problems.raise_if_any(source)
@@ -276,6 +307,53 @@ def _exporters(problems: Problems, raw: Any) -> tuple[ExporterEntry, ...]:
         entries.append(ExporterEntry(hostname=hostname, url=url, labels=labels,
                                      maintenance=maintenance, token=token))
     return tuple(entries)
+
+
+def _file_sd(problems: Problems, raw: Any, base_dir: Path | None) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list):
+        problems.add("file_sd", f"must be a list of file patterns, got {type(raw).__name__}")
+        return ()
+    patterns: list[str] = []
+    for i, pattern in enumerate(raw):
+        where = f"file_sd[{i}]"
+        if not isinstance(pattern, str) or not pattern.strip():
+            problems.add(where, "must be a non-empty file pattern such as "
+                         "/etc/prometheus/targets/*.yml")
+            continue
+        if not pattern.endswith(FILE_SD_SUFFIXES):
+            problems.add(where, f"{pattern!r} must end in .json, .yml or .yaml (the format)")
+            continue
+        if base_dir is not None and not Path(pattern).is_absolute():
+            pattern = str(base_dir / pattern)
+        patterns.append(pattern)
+    return tuple(dict.fromkeys(patterns))
+
+
+def _prometheus(problems: Problems, raw: Any) -> PrometheusSD | None:
+    if raw is None:
+        return None
+    data = problems.mapping(raw, "prometheus")
+    if not isinstance(raw, Mapping):
+        return None
+    problems.unknown_keys(data, {"url", "job", "refresh_interval", "timeout"}, "prometheus")
+    url = _url(problems, data, "prometheus")
+    job = problems.typed(data, "job", str, "", "prometheus")
+    if not job:
+        problems.add("prometheus.job", "is required: the job_name whose targets to use")
+    refresh = problems.number(data, "refresh_interval", 30.0, "prometheus")
+    timeout = problems.number(data, "timeout", 5.0, "prometheus")
+    return PrometheusSD(url=url, job=job, refresh_interval=refresh, timeout=timeout)
+
+
+def _discovery(problems: Problems, raw: Any) -> DiscoverySettings:
+    data = problems.mapping(raw, "discovery")
+    problems.unknown_keys(data, {"refresh_interval"}, "discovery")
+    return DiscoverySettings(
+        refresh_interval=problems.number(data, "refresh_interval", 5.0, "discovery"))
 
 
 def _url(problems: Problems, item: Mapping[str, Any], path: str) -> str:

@@ -4,17 +4,21 @@
     procfleet_query_exporters 3.0
     procfleet_query_request_duration_seconds_bucket{code="200",le="0.05",route="/node/{hostname}/process/{pid}"} 12.0
     procfleet_query_exporter_failures_total{exporter="web-02",kind="timeout"} 4.0
+    procfleet_query_discovery_reloads_total{result="failure",source="file_sd"} 1.0
+    procfleet_query_discovery_last_reload_success_timestamp_seconds{source="file_sd"} 1.76e+09
 """  # noqa: E501
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 import procfleet
+from query.discovery import SourceStats
 from query.fanout import Result
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -24,8 +28,11 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 class Metrics:
     """Request latency by route and code, exporter failures by kind, on its own registry."""
 
-    def __init__(self, exporter_count: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, exporter_count: Callable[[], int] = lambda: 0,
+                 reload_stats: Callable[[], Mapping[str, SourceStats]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        if reload_stats is not None:
+            self.registry.register(DiscoveryCollector(reload_stats))
         info = Gauge("procfleet_query_build_info", "Version of the query service, always 1.",
                      ["version"], registry=self.registry)
         info.labels(procfleet.__version__).set(1)
@@ -52,3 +59,30 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
+
+
+class DiscoveryCollector:
+    """Discovery reloads per source (static, file_sd, prometheus, config), read at scrape."""
+
+    def __init__(self, reload_stats: Callable[[], Mapping[str, SourceStats]]) -> None:
+        self.reload_stats = reload_stats
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # families are built fresh on each collect()
+
+    def collect(self) -> Iterator[Metric]:
+        reloads = CounterMetricFamily(
+            "procfleet_query_discovery_reloads",
+            "Discovery reloads by source and result (success, failure); a failure keeps the "
+            "last good exporters.", labels=["source", "result"])
+        last = GaugeMetricFamily(
+            "procfleet_query_discovery_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful reload of each discovery source.",
+            labels=["source"])
+        for source, stats in sorted(self.reload_stats().items()):
+            reloads.add_metric([source, "success"], stats.successes)
+            reloads.add_metric([source, "failure"], stats.failures)
+            if stats.last_success is not None:
+                last.add_metric([source], stats.last_success)
+        yield reloads
+        yield last
