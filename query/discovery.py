@@ -127,7 +127,7 @@ class StaticSource:
         )
 
     def poll(self, force: bool) -> Sequence[Exporter] | None:
-        return self._exporters
+        return self._exporters if force else None
 
 
 class FixedSource:
@@ -141,7 +141,7 @@ class FixedSource:
         self._exporters = tuple(exporters)
 
     def poll(self, force: bool) -> Sequence[Exporter] | None:
-        return self._exporters
+        return self._exporters if force else None
 
 
 # -- file_sd --------------------------------------------------------------------------------
@@ -628,8 +628,9 @@ class Discovery:
             if replace:
                 self._sources = tuple(sources)
                 self._due.clear()
-            previous = self._fleet
-            self._fleet = Fleet.of(merged)
+            previous, fleet = self._fleet, Fleet.of(merged)
+            if fleet.exporters != previous.exporters:  # else keep the snapshot readers hold
+                self._fleet = fleet
             for name in polled:
                 self._count(name, ok=True)
             with self._lock:  # forget the health of exporters that are gone
