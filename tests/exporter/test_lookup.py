@@ -82,7 +82,7 @@ def test_not_found_after_exit(client, children, marker):
                         "details": f"no process with pid {child.pid}", "code": 404}
 
 
-@pytest.mark.parametrize("pid", ["0", "-1", "abc", "1.5", "+7", "0x10", "2147483648",
+@pytest.mark.parametrize("pid", ["0", "-1", "abc", "1.5", "+7", "0x10", "2147483648", "007",
                                  "99999999999999999999", "%201", "1%00", "\u0661"])
 def test_bad_pid_is_400(client, pid):
     got = client.simulate_get(f"/process/{pid}")
