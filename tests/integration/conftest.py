@@ -27,6 +27,7 @@ from integration_testing import (
     PrometheusAPI,
     QueryService,
     free_port,
+    keygen,
     process_visible,
     running,
     spawn_child,
@@ -101,20 +102,6 @@ def exporters(tmp_path_factory: pytest.TempPathFactory, exporter_token: str,
                                 log=tmp / f"exporter-{i}.log"))
             started.append(Exporter(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", hostname))
         yield started
-
-
-def keygen(name: str, permission: str) -> tuple[str, dict]:
-    """Run `procfleet-query keygen` as users do: (the key, its auth.api_keys entry)."""
-    out = subprocess.run([str(VENV_BIN / "procfleet-query"), "keygen", "--name", name,
-                          "--permission", permission], capture_output=True, text=True,
-                         check=True, timeout=30).stdout
-    keys = [line.split()[-1] for line in out.splitlines()
-            if line.startswith("#") and len(line.split()) == 2]
-    assert len(keys) == 1, f"no key in keygen output:\n{out}"
-    entry = yaml.safe_load("\n".join(line for line in out.splitlines()
-                                     if not line.startswith("#")))
-    assert isinstance(entry, list) and len(entry) == 1, out
-    return keys[0], entry[0]
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
+import yaml
 
 T = TypeVar("T")
 
@@ -120,6 +121,20 @@ def running(argv: Sequence[str], *, ready_url: str, log: Path, timeout: float = 
         yield process
     finally:
         stop(process)
+
+
+def keygen(name: str, permission: str) -> tuple[str, dict]:
+    """Run `procfleet-query keygen` as users do: (the key, its auth.api_keys entry)."""
+    out = subprocess.run([str(VENV_BIN / "procfleet-query"), "keygen", "--name", name,
+                          "--permission", permission], capture_output=True, text=True,
+                         check=True, timeout=30).stdout
+    keys = [line.split()[-1] for line in out.splitlines()
+            if line.startswith("#") and len(line.split()) == 2]
+    assert len(keys) == 1, f"no key in keygen output:\n{out}"
+    entry = yaml.safe_load("\n".join(line for line in out.splitlines()
+                                     if not line.startswith("#")))
+    assert isinstance(entry, list) and len(entry) == 1, out
+    return keys[0], entry[0]
 
 
 def spawn_child(tag: str, *, busy: bool = False) -> subprocess.Popen[bytes]:
