@@ -9,15 +9,20 @@ Out: the same Prometheus, with `http_sd_configs` pointed at the query service's 
 
 from __future__ import annotations
 
+import re
+import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import requests
 import yaml
 from integration_testing import (
     PROMETHEUS,
+    PROMTOOL,
+    REPO,
     SCRAPE_INTERVAL,
     VENV_BIN,
     Exporter,
@@ -31,6 +36,8 @@ from integration_testing import (
     stop,
     wait_until,
 )
+
+import query.config
 
 JOB = "procfleet"
 SD_JOB = "procfleet-via-query-sd"
@@ -185,3 +192,30 @@ def test_prometheus_reloads_are_counted(stack: Stack) -> None:
                        'source="prometheus"}']) >= 1
     assert float(lines['procfleet_query_discovery_last_reload_success_timestamp_seconds{'
                        'source="prometheus"}']) > 1e9
+
+
+def test_discovery_doc_snippets_load_and_pass_promtool(tmp_path: Path) -> None:
+    text = (REPO / "docs" / "discovery.md").read_text()
+    query_block, prometheus_block = re.findall(r"^```yaml\n(.*?)^```", text, re.S | re.M)
+    config = query.config.parse(dict(yaml.safe_load(query_block), auth={"enabled": False}))
+    assert config.prometheus is not None and config.prometheus.job == JOB
+    for name in ("procfleet.token", "procfleet-query.key"):
+        (tmp_path / name).write_text("a-secret\n")
+    path = tmp_path / "prometheus.yml"
+    path.write_text(prometheus_block.replace("/etc/prometheus/", f"{tmp_path}/"))
+    result = subprocess.run([PROMTOOL, "check", "config", str(path)], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_query_unit_reloads_with_sighup_and_the_shipped_config_loads() -> None:
+    unit = (REPO / "config" / "systemd" / "procfleet-query.service").read_text()
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit.splitlines()
+    shipped = yaml.safe_load((REPO / "config" / "query.yml").read_text())
+    uncommented = "\n".join(line.removeprefix("# ") for line in
+                            (REPO / "config" / "query.yml").read_text().splitlines()
+                            if line.startswith(("# file_sd", "# prometheus:", "#   ",
+                                                "# discovery:")))
+    extra = yaml.safe_load(uncommented)
+    config = query.config.parse({**shipped, **extra})
+    assert config.file_sd and config.prometheus is not None
