@@ -1,12 +1,15 @@
-"""Ask many exporters at once: one asyncio loop thread, one shared aiohttp session.
+"""Ask exporters: one at a time from the request thread, or many at once on a loop thread.
 
-Request threads (waitress workers) hand a batch to `Fanout.all()` or `Fanout.first()`, which
-submit one coroutine to the loop thread and wait, bounded, for its results. Inside the loop
-every exporter call is a task; a semaphore bounds how many are in flight across all requests,
-connections are kept alive between requests, and no thread is started per exporter.
+A unicast lookup (one exporter, or `_any`'s exporters one after another) is asked straight
+from the request thread (a waitress worker) over a pool of kept-alive connections: handing it
+to another thread and back would cost as much as the exporter's whole answer. A broadcast is
+handed to `Fanout.all()`, which submits one coroutine to the loop thread and waits, bounded,
+for its results. Inside the loop every exporter call is a task; a semaphore bounds how many
+are in flight across all requests, connections are kept alive between requests, and no
+thread is started per exporter. Both ways use `query.httpclient` (one response parser).
 
-A failing exporter is data, not an exception: every exporter gets a `Result`, and `_ask` is
-the one place that turns what happened into a kind:
+A failing exporter is data, not an exception: every exporter gets a `Result`, and `classify`
+is the one place that turns what happened (an answer or an error) into a kind:
 
     ok           200 with a valid JSON answer
     not_found    404 {"error": "process not found", ...}      (a valid answer)
@@ -25,14 +28,14 @@ import errno
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import aiohttp
-from yarl import URL
+from urllib.parse import urlencode
 
 import procfleet
+from query import httpclient
 from query.config import Config
 from query.discovery import Exporter
 
@@ -47,6 +50,7 @@ _STATUS: Mapping[str, str] = {"ok": "ok", "maintenance": "skipped", "unsupported
 MAINTENANCE_ERROR = "exporter is in maintenance"
 UNSUPPORTED_ERROR = "process lookup is unsupported on the exporter's platform"
 NOT_FOUND_ERROR = "process not found"
+NOT_FOUND_BODY_CAP = 64 * 1024  # an exporter's 404 error body is a few dozen bytes
 
 # The process object's fields and their JSON types; anything else an exporter sends is dropped
 # so the answer always has the documented shape. `pid` is required, the rest may be absent.
@@ -101,6 +105,19 @@ class Call:
     max_body_bytes: int
     params: Mapping[str, str] = field(default_factory=dict)
     not_found_is_answer: bool = False
+
+    def body_cap(self, status: int) -> int | None:
+        """How much of an answer with `status` to read; None: the status alone decides."""
+        if status == 200:
+            return self.max_body_bytes
+        if status == 404 and self.not_found_is_answer:
+            return NOT_FOUND_BODY_CAP
+        return None
+
+    @property
+    def target(self) -> str:
+        """The request target: the path and the query string."""
+        return f"{self.path}?{urlencode(self.params)}" if self.params else self.path
 
 
 def process_call(pid: int, max_body_bytes: int = 1024 * 1024) -> Call:
@@ -172,10 +189,10 @@ class _Job:
 
 
 class Fanout:
-    """Calls exporters in parallel from a dedicated event-loop thread.
+    """Calls exporters: unicasts from the calling thread, broadcasts from an event-loop thread.
 
-    Use as a context manager, or call `close()`: it closes the shared session and stops the
-    loop thread.
+    Use as a context manager, or call `close()`: it closes the kept-alive connections and
+    stops the loop thread.
     """
 
     def __init__(self, *, exporter_timeout: float = 2.0, request_timeout: float = 5.0,
@@ -188,11 +205,18 @@ class Fanout:
                                          daemon=True)
         self._thread.start()
         self._closed = False
-        self._base_urls: dict[str, URL] = {}
+        self._origins: dict[str, httpclient.Origin] = {}
         self._inbox: list[_Job] = []
         self._inbox_lock = threading.Lock()
         self._wake_pending = False
-        self._session: aiohttp.ClientSession
+        self._headers = {"User-Agent": f"procfleet-query/{procfleet.__version__}",
+                         "Accept": "application/json"}
+        self._timeout_error = f"timeout after {exporter_timeout:.1f} s"
+        resolver = httpclient.Resolver()
+        self._sync = httpclient.SyncClient(resolver, self._resolve_on_loop)
+        # Unicasts run in request threads: they get their own bound, like the loop's.
+        self._sync_slots = threading.BoundedSemaphore(max_in_flight)
+        self._client = httpclient.AsyncClient(resolver)
         self._slots: asyncio.Semaphore
         asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout=10)
 
@@ -204,32 +228,24 @@ class Fanout:
 
     async def _open(self) -> None:
         self._slots = asyncio.Semaphore(self.max_in_flight)
-        connector = aiohttp.TCPConnector(
-            limit=self.max_in_flight, limit_per_host=0,
-            # Close idle connections before the exporters' servers do (waitress: 30 s), so a
-            # request rarely meets a connection the other side has just dropped.
-            keepalive_timeout=15, ttl_dns_cache=60,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),  # exporters set none; skip the jar's work
-            timeout=aiohttp.ClientTimeout(total=None),  # _ask applies its own
-            headers={"User-Agent": f"procfleet-query/{procfleet.__version__}",
-                     "Accept": "application/json"},
-            auto_decompress=True,
-        )
 
     def close(self) -> None:
-        """Close the session and stop the loop thread; idempotent."""
+        """Close the kept-alive connections and stop the loop thread; idempotent."""
         if self._closed:
             return
         self._closed = True
+        self._sync.close()
         try:
-            asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(self._close_client(), self._loop).result(timeout=5)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
             self._loop.close()
+
+    async def _close_client(self) -> None:
+        self._client.close()
+        await asyncio.sleep(0)  # let the transports finish closing their sockets
+        await asyncio.sleep(0)
 
     def __enter__(self) -> Fanout:
         return self
@@ -241,22 +257,73 @@ class Fanout:
 
     def all(self, exporters: Sequence[Exporter], call: Call) -> list[Result]:
         """Ask every exporter at once; one result each, in the order given."""
+        if len(exporters) == 1:  # a unicast: no other thread needed
+            return self.first(exporters, call)
         return self._run(self._all(exporters, call))
 
     def first(self, exporters: Sequence[Exporter], call: Call) -> list[Result]:
         """Ask one exporter after another until one gives a valid answer.
 
         Returns every result in the order tried; the last one is the answer when it is valid.
+        Runs in the calling thread, within the request deadline.
         """
-        return self._run(self._first(exporters, call))
+        if self._closed:
+            raise FanoutError("the fan-out is closed")
+        request_until = time.monotonic() + self.request_timeout
+        tried: list[Result] = []
+        for exporter in exporters:
+            if time.monotonic() >= request_until:
+                break
+            result = self._ask_sync(exporter, call, request_until)
+            tried.append(result)
+            if result.valid:
+                break
+        return tried
+
+    def _ask_sync(self, exporter: Exporter, call: Call, request_until: float) -> Result:
+        """Call one exporter from this thread by `request_until`; never raises."""
+        name = exporter.hostname
+        if exporter.maintenance:
+            return Result(name, "maintenance", MAINTENANCE_ERROR)
+        if not self._sync_slots.acquire(timeout=max(0.0, request_until - time.monotonic())):
+            return self._deadline_result(exporter)
+        try:
+            exporter_until = time.monotonic() + self.exporter_timeout
+            until = min(exporter_until, request_until)
+            try:
+                origin, request = self._request(exporter, call)
+                outcome: httpclient.Response | Exception = self._sync.get(
+                    origin, request, until, call.body_cap)
+            except TimeoutError:
+                if request_until <= exporter_until:
+                    return self._deadline_result(exporter)
+                return Result(name, "timeout", self._timeout_error)
+            except (httpclient.HTTPError, ValueError) as exc:
+                outcome = exc
+            return classify(name, call, outcome)
+        finally:
+            self._sync_slots.release()
+
+    def _resolve_on_loop(self, host: str, port: int, timeout: float) -> list[tuple]:
+        # A name not yet in the resolver's cache: looked up by the loop (getaddrinfo in its
+        # executor), so a request thread waits no longer than its own deadline.
+        future = asyncio.run_coroutine_threadsafe(self._sync_resolve(host, port), self._loop)
+        try:
+            return future.result(timeout=timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    async def _sync_resolve(self, host: str, port: int) -> list[tuple]:
+        return await self._client._resolver.resolve(host, port)
 
     def _run(self, coro: Any) -> Any:
         """Run `coro` on the loop thread and wait for its result, bounded.
 
-        Like asyncio.run_coroutine_threadsafe(...).result(), but cheaper per request, which a
-        unicast lookup feels: the thread waits on a bare lock instead of a concurrent Future,
-        and submissions made while the loop has not yet picked up earlier ones share one
-        wake-up of the loop (each wake-up is a write to its self-pipe: a system call).
+        Like asyncio.run_coroutine_threadsafe(...).result(), but cheaper per request: the
+        thread waits on a bare lock instead of a concurrent Future, and submissions made while
+        the loop has not yet picked up earlier ones share one wake-up of the loop (each
+        wake-up is a write to its self-pipe: a system call).
         """
         if self._closed:
             coro.close()
@@ -288,12 +355,6 @@ class Fanout:
     # -- inside the loop -----------------------------------------------------------------
 
     async def _all(self, exporters: Sequence[Exporter], call: Call) -> list[Result]:
-        if len(exporters) == 1:  # a unicast: no tasks to gather, just the deadline
-            try:
-                async with asyncio.timeout(self.request_timeout):
-                    return [await self._ask(exporters[0], call)]
-            except TimeoutError:
-                return [self._deadline_result(exporters[0])]
         tasks = [asyncio.create_task(self._ask(e, call)) for e in exporters]
         if not tasks:
             return []
@@ -306,112 +367,92 @@ class Fanout:
         return [late(e) if t in pending or t.cancelled() else t.result()
                 for e, t in zip(exporters, tasks, strict=True)]
 
-    async def _first(self, exporters: Iterable[Exporter], call: Call) -> list[Result]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.request_timeout
-        tried: list[Result] = []
-        for exporter in exporters:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                async with asyncio.timeout(remaining):
-                    result = await self._ask(exporter, call)
-            except TimeoutError:
-                result = self._deadline_result(exporter)
-            tried.append(result)
-            if result.valid:
-                break
-        return tried
-
     def _deadline_result(self, exporter: Exporter) -> Result:
         return Result(exporter.hostname, "timeout",
                       f"timeout after {self.request_timeout:.1f} s (request deadline)")
 
     async def _ask(self, exporter: Exporter, call: Call) -> Result:
-        """Call one exporter and classify what happened; never raises (but may be cancelled)."""
+        """Call one exporter on the loop; never raises (but may be cancelled by the deadline)."""
         name = exporter.hostname
         if exporter.maintenance:
             return Result(name, "maintenance", MAINTENANCE_ERROR)
         async with self._slots:
-            # One retry when a kept-alive connection turns out to be closed by the other end.
-            for attempt in (1, 2):
-                try:
-                    async with asyncio.timeout(self.exporter_timeout):
-                        return await self._request(exporter, call)
-                except TimeoutError:
-                    return Result(name, "timeout", f"timeout after {self.exporter_timeout:.1f} s")
-                except aiohttp.ServerDisconnectedError:
-                    if attempt == 2:
-                        return Result(name, "unreachable",
-                                      "exporter closed the connection without answering")
-                except aiohttp.ClientConnectorDNSError:
-                    return Result(name, "unreachable", "cannot resolve the exporter's host")
-                except aiohttp.ClientConnectorError as exc:
-                    if exc.os_error.errno == errno.ECONNREFUSED:
-                        return Result(name, "unreachable", "connection refused")
-                    reason = exc.os_error.strerror or type(exc.os_error).__name__
-                    return Result(name, "unreachable", f"cannot connect: {reason}")
-                except aiohttp.ClientResponseError:  # not parseable as HTTP
-                    return Result(name, "bad_body", "exporter answered malformed HTTP")
-                except aiohttp.ClientPayloadError:
-                    return Result(name, "bad_body", "exporter answered a malformed HTTP body")
-                except aiohttp.ClientOSError as exc:
-                    reason = exc.strerror or type(exc).__name__
-                    return Result(name, "unreachable", f"connection failed: {reason}")
-                except aiohttp.ClientError as exc:
-                    return Result(name, "unreachable", f"request failed: {type(exc).__name__}")
-            raise AssertionError("unreachable")  # pragma: no cover
+            try:
+                origin, request = self._request(exporter, call)
+                async with asyncio.timeout(self.exporter_timeout):
+                    outcome: httpclient.Response | Exception = await self._client.get(
+                        origin, request, call.body_cap)
+            except TimeoutError:
+                return Result(name, "timeout", self._timeout_error)
+            except (httpclient.HTTPError, ValueError) as exc:
+                outcome = exc
+            return classify(name, call, outcome)
 
-    def _base_url(self, url: str) -> URL:
-        # Parsing each exporter's URL once saves a parse per call (yarl's cache is small).
-        base = self._base_urls.get(url)
-        if base is None:
-            if len(self._base_urls) > 100_000:
-                self._base_urls.clear()
-            base = self._base_urls[url] = URL(url)
-        return base
-
-    async def _request(self, exporter: Exporter, call: Call) -> Result:
-        name = exporter.hostname
-        headers = {"Authorization": f"Bearer {exporter.token}"} if exporter.token else None
-        url = self._base_url(exporter.url).with_path(call.path, encoded=True)
-        async with self._session.get(url, params=call.params or None,
-                                     headers=headers, allow_redirects=False) as response:
-            status = response.status
-            if status == 200:
-                body = await _read_capped(response, call.max_body_bytes)
-                if body is None:
-                    return Result(name, "bad_body",
-                                  f"exporter answer exceeds {call.max_body_bytes} bytes")
-                try:
-                    return Result(name, "ok", data=call.decode(json.loads(body)))
-                except ValueError as exc:  # JSONDecodeError and BadBody
-                    if isinstance(exc, BadBody):
-                        return Result(name, "bad_body", str(exc))
-                    return Result(name, "bad_body", "exporter answered invalid JSON")
-            if status == 404 and call.not_found_is_answer:
-                if _says_not_found(await _read_capped(response, 64 * 1024)):
-                    return Result(name, "not_found", NOT_FOUND_ERROR)
-            if status == 501:
-                return Result(name, "unsupported", UNSUPPORTED_ERROR)
-            return Result(name, "bad_status", _status_message(status))
+    def _request(self, exporter: Exporter, call: Call) -> tuple[httpclient.Origin, bytes]:
+        """Where to send the call and its request head (ValueError for an unusable URL)."""
+        # Parsing each exporter's URL once saves a parse per call.
+        origin = self._origins.get(exporter.url)
+        if origin is None:
+            if len(self._origins) > 100_000:
+                self._origins.clear()
+            origin = self._origins[exporter.url] = httpclient.Origin.parse(exporter.url)
+        headers = self._headers
+        if exporter.token:
+            headers = {**headers, "Authorization": f"Bearer {exporter.token}"}
+        return origin, httpclient.request_bytes(origin, call.target, headers)
 
 
-async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes | None:
-    """The body, or None when it is larger than `cap` bytes (checked before reading it all)."""
-    length = response.content_length
-    if length is not None:
-        return None if length > cap else await response.read()
-    body = bytearray()
-    async for chunk in response.content.iter_any():
-        body += chunk
-        if len(body) > cap:
-            return None
-    return bytes(body)
+def classify(hostname: str, call: Call, outcome: httpclient.Response | Exception) -> Result:
+    """What one exporter call came to: the answer or the error, as a `Result` of some kind.
+
+    The one place that decides kinds for both ways of calling (timeouts excepted: which
+    limit was hit is known only to the caller, and `timeout` is all there is to it).
+    """
+    if isinstance(outcome, Exception):
+        return Result(hostname, *_failure(outcome))
+    status = outcome.status
+    if status == 200:
+        if outcome.too_large:
+            return Result(hostname, "bad_body",
+                          f"exporter answer exceeds {call.max_body_bytes} bytes")
+        try:
+            return Result(hostname, "ok", data=call.decode(json.loads(outcome.body)))
+        except BadBody as exc:
+            return Result(hostname, "bad_body", str(exc))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            return Result(hostname, "bad_body", "exporter answered invalid JSON")
+    if status == 404 and call.not_found_is_answer and not outcome.too_large \
+            and _says_not_found(outcome.body):
+        return Result(hostname, "not_found", NOT_FOUND_ERROR)
+    if status == 501:
+        return Result(hostname, "unsupported", UNSUPPORTED_ERROR)
+    return Result(hostname, "bad_status", _status_message(status))
 
 
-def _says_not_found(body: bytes | None) -> bool:
+def _failure(error: Exception) -> tuple[Kind, str]:
+    """The kind and error text of a call that came to no answer."""
+    if isinstance(error, httpclient.Disconnected):
+        return "unreachable", "exporter closed the connection without answering"
+    if isinstance(error, httpclient.ResolveError):
+        return "unreachable", "cannot resolve the exporter's host"
+    if isinstance(error, httpclient.ConnectError):
+        if error.os_error.errno == errno.ECONNREFUSED:
+            return "unreachable", "connection refused"
+        return "unreachable", f"cannot connect: {_reason(error.os_error)}"
+    if isinstance(error, httpclient.NetworkError):
+        return "unreachable", f"connection failed: {_reason(error.os_error)}"
+    if isinstance(error, httpclient.ProtocolError):
+        return "bad_body", "exporter answered malformed HTTP"
+    if isinstance(error, httpclient.BodyError):
+        return "bad_body", "exporter answered a malformed HTTP body"
+    return "unreachable", f"request failed: {type(error).__name__}"
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error) or type(error).__name__
+
+
+def _says_not_found(body: bytes) -> bool:
     # A 404 only means "no such process" when it is the exporter's error body; a 404 page
     # from something else at that URL (a wrong port, a proxy) is a misconfiguration.
     if not body:
