@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import KNOWN_PID, exporter_entries, make_config
+from query_testing import KNOWN_PID, exporter_entries, make_config
 
 from query.auth import key_hash, new_key
 

@@ -12,7 +12,7 @@ import falcon.testing
 import psutil
 import pytest
 import yaml
-from conftest import (
+from query_testing import (
     EXPORTER_TIMEOUT,
     KNOWN_PID,
     PROCESS,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_config
+from query_testing import make_config
 
 from query.discovery import Discovery, DiscoveryError, read_file_sd
 

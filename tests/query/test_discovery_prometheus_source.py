@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import free_port, make_config
+from query_testing import free_port, make_config
 
 from query.config import PrometheusSD
 from query.discovery import Discovery, DiscoveryError, PrometheusSource

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from conftest import KNOWN_PID, PROCESS, Service
+from query_testing import KNOWN_PID, PROCESS, Service
 from test_discovery_files import write
 
 from query.auth import key_hash

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import falcon.testing
-from conftest import make_config
+from query_testing import make_config
 
 from query.app import create_app
 from query.auth import key_hash

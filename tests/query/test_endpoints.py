@@ -7,7 +7,7 @@ from datetime import datetime
 
 import falcon
 import pytest
-from conftest import KNOWN_PID, exporter_entries, make_config
+from query_testing import KNOWN_PID, exporter_entries, make_config
 
 from query.app import create_app
 from query.fanout import Fanout

@@ -6,7 +6,7 @@ import time
 import uuid
 
 import pytest
-from conftest import (
+from query_testing import (
     EXPORTER_TIMEOUT,
     EXPORTER_TOKEN,
     KNOWN_PID,
