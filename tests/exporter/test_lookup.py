@@ -61,14 +61,21 @@ def test_fields_match_psutil_and_proc(client, children, marker):
 
 def test_busy_child_lifetime_cpu_percent(client, children, marker):
     child = children.spawn(marker, code=SPINNER)
-    time.sleep(0.6)
-    body = client.simulate_get(f"/process/{child.pid}").json
     ref = psutil.Process(child.pid)
-    t = ref.cpu_times()
-    expected = 100 * (t.user + t.system) / (time.time() - ref.create_time())
+
+    def lifetime_percent() -> float:
+        t = ref.cpu_times()
+        return 100 * (t.user + t.system) / (time.time() - ref.create_time())
+
+    # A loaded machine gives the spinner CPU slowly: wait for it rather than sleep a guess.
+    wait_until(lambda: sum(ref.cpu_times()[:2]) >= 0.3, timeout=30, what="the child to spin")
+    before = lifetime_percent()
+    body = client.simulate_get(f"/process/{child.pid}").json
+    after = lifetime_percent()
     assert body["state"] == "running"
-    assert expected > 20
-    assert body["cpu_percent"] == pytest.approx(expected, rel=0.25)
+    assert before > 5
+    # Lifetime percent drifts between the three reads; the API's value lies between them.
+    assert min(before, after) - 2 <= body["cpu_percent"] <= max(before, after) + 2
 
 
 def test_not_found_after_exit(client, children, marker):
