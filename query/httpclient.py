@@ -33,7 +33,7 @@ BodyCap = Callable[[int], "int | None"]
 IDLE_SECONDS = 15.0  # close idle connections before the exporters' servers do (waitress: 30 s)
 MAX_IDLE_PER_ORIGIN = 64
 DNS_TTL = 60.0
-_READ_SIZE = 256 * 1024
+_READ_SIZE = 64 * 1024  # below malloc's mmap threshold: no map and unmap per read
 
 
 class HTTPError(Exception):
