@@ -212,11 +212,11 @@ class Fanout:
         self._headers = {"User-Agent": f"procfleet-query/{procfleet.__version__}",
                          "Accept": "application/json"}
         self._timeout_error = f"timeout after {exporter_timeout:.1f} s"
-        resolver = httpclient.Resolver()
-        self._sync = httpclient.SyncClient(resolver, self._resolve_on_loop)
+        self._resolver = httpclient.Resolver()  # shared: a name is looked up once a minute
+        self._sync = httpclient.SyncClient(self._resolver, self._resolve_on_loop)
         # Unicasts run in request threads: they get their own bound, like the loop's.
         self._sync_slots = threading.BoundedSemaphore(max_in_flight)
-        self._client = httpclient.AsyncClient(resolver)
+        self._client = httpclient.AsyncClient(self._resolver)
         self._slots: asyncio.Semaphore
         asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout=10)
 
@@ -307,15 +307,13 @@ class Fanout:
     def _resolve_on_loop(self, host: str, port: int, timeout: float) -> list[tuple]:
         # A name not yet in the resolver's cache: looked up by the loop (getaddrinfo in its
         # executor), so a request thread waits no longer than its own deadline.
-        future = asyncio.run_coroutine_threadsafe(self._sync_resolve(host, port), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._resolver.resolve(host, port),
+                                                  self._loop)
         try:
             return future.result(timeout=timeout)
         except TimeoutError:
             future.cancel()
             raise
-
-    async def _sync_resolve(self, host: str, port: int) -> list[tuple]:
-        return await self._client._resolver.resolve(host, port)
 
     def _run(self, coro: Any) -> Any:
         """Run `coro` on the loop thread and wait for its result, bounded.
