@@ -18,13 +18,13 @@ setup(
         "prometheus-client>=0.20,<1",
         "psutil>=5.9,<8",
         "pyyaml>=6.0,<7",
-        "aiohttp>=3.9,<4",
     ],
     extras_require={
         "test": [
             "pytest>=8",
             "ruff>=0.6",
             "requests>=2.31",
+            "aiohttp>=3.9,<4",  # the tests' fake exporters
             # Pinned so the fixed-seed contract fuzzing sends the same cases every run.
             "schemathesis==4.32.5",
             "hypothesis==6.170.17",

@@ -195,7 +195,8 @@ def test_prometheus_reloads_are_counted(stack: Stack) -> None:
 
 
 def test_discovery_doc_snippets_load_and_pass_promtool(tmp_path: Path) -> None:
-    text = (REPO / "docs" / "discovery.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    text = readme.split("### Discovery", 1)[1].split("\n## ", 1)[0]
     query_block, prometheus_block = re.findall(r"^```yaml\n(.*?)^```", text, re.S | re.M)
     config = query.config.parse(dict(yaml.safe_load(query_block), auth={"enabled": False}))
     assert config.prometheus is not None and config.prometheus.job == JOB
