@@ -11,7 +11,7 @@ import sys
 from procfleet import __version__
 from procfleet.configcheck import ConfigError
 from procfleet.logs import setup_logging
-from procfleet.serve import ListenError, is_loopback, parse_listen, serve
+from procfleet.serve import ListenError, is_loopback, parse_listen, raise_file_limit, serve
 
 log = logging.getLogger("procfleet.exporter")
 
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("starting exporter version %s for host %s (config: %s, token auth: %s)",
              __version__, config.hostname, config.source,
              "on" if config.auth.enabled else "off")
+    raise_file_limit()
     app = create_app(config)
     try:
         serve(app, host, port, logger=log, name="procfleet-exporter", threads=args.threads)

@@ -40,7 +40,7 @@ class ProcessLookup:
 
     def get(self, pid: int) -> ProcessInfo:
         """The process with this pid; ProcessGone when there is none."""
-        sample = self.reader.sample(pid)
+        sample = self.reader.lookup(pid)
         return to_info(sample, system=self.reader.system, user_name=self.user_names,
                        mask=self.mask)
 

@@ -15,6 +15,7 @@ import pwd
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -172,6 +173,10 @@ class Reader(Protocol):
         """Read one process. `detail` adds I/O, fds, context switches and swap."""
         ...
 
+    def lookup(self, pid: int) -> Sample:
+        """Read one process for a PID lookup (stat, uid and command line), fresh."""
+        ...
+
 
 def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
@@ -192,6 +197,27 @@ def _split_cmdline(data: bytes) -> list[str]:
 
 _READ_CHUNK = 8192
 _READ_LIMIT = 1 << 20
+_HELD_PIDS = 16  # per request thread: three open files each
+
+
+def _pread(fd: int) -> bytes:
+    """The whole of a /proc file from offset 0: the kernel regenerates it on each read."""
+    data = os.pread(fd, _READ_CHUNK, 0)
+    if len(data) < _READ_CHUNK:
+        return data
+    chunks, size = [data], len(data)
+    while size < _READ_LIMIT:
+        more = os.pread(fd, 1 << 16, size)
+        if not more:
+            break
+        chunks.append(more)
+        size += len(more)
+    return b"".join(chunks)
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _stat_counts_fds(proc_root: str) -> bool:
@@ -223,8 +249,50 @@ class ProcfsReader:
         # stat() instead of listing the directory.
         self._fds_by_stat = _stat_counts_fds(proc_root)
 
+        # Lookups keep the /proc files of recently asked pids open and re-read them with
+        # pread: a third of the system calls, and each call is a GIL hand-off between
+        # request threads. Per thread, so no fd is ever closed under another reader.
+        self._held = threading.local()
+
     def pids(self) -> list[int]:
         return [int(d) for d in os.listdir(self.root) if d.isdigit()]
+
+    def lookup(self, pid: int) -> Sample:
+        """sample(pid) for repeated lookups: the pid's files stay open between calls.
+
+        An open /proc/PID file belongs to one process incarnation: once that process is
+        gone, reads fail with ESRCH even if the pid has been reused, so a held file never
+        shows another process. Then the files are dropped and the pid is read afresh.
+        """
+        held: OrderedDict[int, tuple[int, int, int]] | None = getattr(self._held, "fds", None)
+        if held is None:
+            held = self._held.fds = OrderedDict()
+        fds = held.pop(pid, None)
+        if fds is not None:
+            try:
+                sample = self._parse(pid, *(_pread(fd) for fd in fds))
+            except OSError:
+                _close_all(fds)
+            else:
+                held[pid] = fds
+                return sample
+        base = f"{self.root}/{pid}/"
+        try:
+            opened = tuple(os.open(base + name, os.O_RDONLY)
+                           for name in ("stat", "status", "cmdline"))
+        except (FileNotFoundError, ProcessLookupError):
+            raise ProcessGone(pid) from None
+        except PermissionError:
+            return self.sample(pid)  # some files unreadable: the path that tolerates it
+        try:
+            sample = self._parse(pid, *(_pread(fd) for fd in opened))
+        except OSError:
+            _close_all(opened)
+            raise ProcessGone(pid) from None
+        held[pid] = opened
+        while len(held) > _HELD_PIDS:
+            _close_all(held.popitem(last=False)[1])
+        return sample
 
     def _read(self, path: str) -> bytes:
         # os.read into a small buffer: a 1 MiB buffer per read can cost an mmap/munmap pair,
@@ -251,26 +319,7 @@ class ProcfsReader:
             stat = self._read(base + "stat")
         except (FileNotFoundError, ProcessLookupError):
             raise ProcessGone(pid) from None
-        rpar = stat.rfind(b")")
-        comm = _decode(stat[stat.find(b"(") + 1: rpar])
-        f = stat[rpar + 2:].split()
-        ticks = self.system.clock_ticks
-        start_ticks = int(f[19])
-        sample = Sample(
-            pid=pid,
-            comm=comm,
-            state=f[0].decode(),
-            ppid=int(f[1]),
-            start_ticks=start_ticks,
-            create_time=self.system.boot_time + start_ticks / ticks,
-            utime=int(f[11]) / ticks,
-            stime=int(f[12]) / ticks,
-            num_threads=int(f[17]),
-            minflt=int(f[7]),
-            majflt=int(f[9]),
-            vsize=int(f[20]),
-            rss=int(f[21]) * self.system.page_size,
-        )
+        sample = self._from_stat(pid, stat)
         try:
             status = self._read(base + "status")
         except (FileNotFoundError, ProcessLookupError):
@@ -288,6 +337,34 @@ class ProcfsReader:
         if detail:
             self._read_detail(sample, base, status)
         return sample
+
+    def _parse(self, pid: int, stat: bytes, status: bytes, cmdline: bytes) -> Sample:
+        sample = self._from_stat(pid, stat)
+        sample.uid = _status_int(status, b"\nUid:")
+        sample.cmdline = _split_cmdline(cmdline)
+        return sample
+
+    def _from_stat(self, pid: int, stat: bytes) -> Sample:
+        rpar = stat.rfind(b")")
+        comm = _decode(stat[stat.find(b"(") + 1: rpar])
+        f = stat[rpar + 2:].split()
+        ticks = self.system.clock_ticks
+        start_ticks = int(f[19])
+        return Sample(
+            pid=pid,
+            comm=comm,
+            state=f[0].decode(),
+            ppid=int(f[1]),
+            start_ticks=start_ticks,
+            create_time=self.system.boot_time + start_ticks / ticks,
+            utime=int(f[11]) / ticks,
+            stime=int(f[12]) / ticks,
+            num_threads=int(f[17]),
+            minflt=int(f[7]),
+            majflt=int(f[9]),
+            vsize=int(f[20]),
+            rss=int(f[21]) * self.system.page_size,
+        )
 
     def _read_detail(self, sample: Sample, base: str, status: bytes) -> None:
         sample.voluntary_ctxt = _status_int(status, b"\nvoluntary_ctxt_switches:")
@@ -402,6 +479,9 @@ class PsutilReader:
 
     def forget(self, alive: set[tuple[int, int]]) -> None:
         pass
+
+    def lookup(self, pid: int) -> Sample:
+        return self.sample(pid)
 
     def exe(self, pid: int) -> str | None:
         return _maybe(lambda: psutil.Process(pid).exe()) or None

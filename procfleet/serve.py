@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import resource
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,20 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def raise_file_limit() -> None:
+    """Lift the soft open-file limit to the hard one.
+
+    The query service holds a socket per exporter connection and the exporter keeps /proc
+    files of looked-up pids open; both need more than the usual soft 1024 under load.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def serve(

@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import resource
 import signal
 import sys
 from collections.abc import Sequence
 
 from procfleet.configcheck import ConfigError
 from procfleet.logs import setup_logging
-from procfleet.serve import ListenError, is_loopback, parse_listen, serve
+from procfleet.serve import ListenError, is_loopback, parse_listen, raise_file_limit, serve
 from query import config as query_config
 from query.app import create_app
 from query.auth import key_hash, new_key
@@ -72,16 +71,6 @@ def _fail(message: str) -> int:
     return USAGE_ERROR
 
 
-def _raise_file_limit() -> None:
-    # One socket per exporter connection: a large fleet needs more than the usual 1024.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "keygen":
@@ -108,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not config.auth.enabled:
         log.warning("authentication is disabled: every client may query every process")
 
-    _raise_file_limit()
+    raise_file_limit()
     try:
         discovery = Discovery.from_config(config)
     except DiscoveryError as exc:

@@ -15,7 +15,7 @@ from exporter_testing import SPINNER, wait_until
 
 from exporter.app import create_app
 from exporter.config import Config
-from exporter.procs import ProcfsReader, PsutilReader
+from exporter.procs import ProcessGone, ProcfsReader, PsutilReader
 
 READERS = {"procfs": ProcfsReader, "psutil": PsutilReader}
 
@@ -199,3 +199,26 @@ def test_list_bad_parameters(client, params, needle):
     got = client.simulate_get("/process", params=params, params_csv=False)
     assert got.status_code == 400, got.text
     assert needle in got.json["details"]
+
+
+def test_held_proc_files_stay_bounded_and_never_show_a_dead_process(children, marker):
+    reader = ProcfsReader()
+    kids = [children.spawn(marker, str(i)) for i in range(3)]
+    open_before = len(os.listdir("/proc/self/fd"))
+    for pid in reader.pids()[:100]:  # more pids than a thread holds files for
+        try:
+            reader.lookup(pid)
+        except ProcessGone:
+            pass
+    for kid in kids:
+        assert reader.lookup(kid.pid).pid == kid.pid  # now held
+    assert len(os.listdir("/proc/self/fd")) - open_before <= 3 * 16
+    kids[0].kill()
+    kids[0].wait(timeout=10)
+    with pytest.raises(ProcessGone):
+        reader.lookup(kids[0].pid)
+    # A held file of a running process is re-read, not served from the past.
+    os.kill(kids[1].pid, signal.SIGSTOP)
+    wait_until(lambda: psutil.Process(kids[1].pid).status() == psutil.STATUS_STOPPED,
+               what="child to stop")
+    assert reader.lookup(kids[1].pid).state == "T"
