@@ -16,6 +16,12 @@ from procfleet.serve import ListenError, is_loopback, parse_listen, raise_file_l
 log = logging.getLogger("procfleet.exporter")
 
 
+def _thread_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 64, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="procfleet-exporter",
@@ -37,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-unauthenticated-nonloopback", action="store_true",
                         help="serve on a non-loopback address without a token (command lines "
                              "and metrics are then readable by anyone who can connect)")
-    parser.add_argument("--threads", type=int, default=4, metavar="N",
-                        help="request worker threads (default 4)")
+    parser.add_argument("--threads", type=_thread_count, default=4, metavar="N",
+                        help="request worker threads, 1 to 64 (default 4)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 

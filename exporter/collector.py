@@ -36,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from exporter.groups import GroupMatcher, name_process
-from exporter.procs import ProcessGone, ProcfsReader, PsutilReader, Sample
+from exporter.procs import ProcessDenied, ProcessGone, ProcfsReader, PsutilReader, Sample
 from procfleet.configcheck import Problems
 
 MAX_TOP_N = 1000
@@ -178,11 +178,11 @@ class ProcessCollector(Collector):
                     sample = reader.sample(pid, cmdline=True, detail=True)
                 pss = (reader.proportional_memory(pid)  # type: ignore[union-attr]
                        if smaps and detail else None)
+            except (ProcessDenied, PermissionError):
+                errors["denied"] += 1
+                continue
             except ProcessGone:
                 errors["vanished"] += 1
-                continue
-            except PermissionError:
-                errors["denied"] += 1
                 continue
             except (OSError, ValueError, IndexError):
                 errors["other"] += 1

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,6 +59,14 @@ class ProcessGone(Exception):
     """The process does not exist (or exited while it was being read)."""
 
 
+class ProcessDenied(ProcessGone):
+    """The process exists but may not be read (hidepid, another user's on BSD/macOS).
+
+    A subclass of ProcessGone because a lookup answers both the same way (not found);
+    the collector counts them apart.
+    """
+
+
 @dataclass(slots=True)
 class Sample:
     """What one read of one process found. None means "not read" or "not allowed"."""
@@ -86,7 +93,6 @@ class Sample:
     num_fds: int | None = None
     max_fds: int | None = None
     cmdline: list[str] | None = None
-    exe: str | None = None
 
     @property
     def name(self) -> str:
@@ -215,7 +221,14 @@ def _pread(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _close_all(fds: tuple[int, ...]) -> None:
+def _check_is_process(pid: int, status: bytes) -> None:
+    """/proc/TID exists for every thread too; a thread id is not a process to look up."""
+    tgid = _status_int(status, b"\nTgid:")
+    if tgid is not None and tgid != pid:
+        raise ProcessGone(pid)
+
+
+def _close_all(fds: tuple[int, ...] | list[int]) -> None:
     for fd in fds:
         os.close(fd)
 
@@ -264,32 +277,35 @@ class ProcfsReader:
         gone, reads fail with ESRCH even if the pid has been reused, so a held file never
         shows another process. Then the files are dropped and the pid is read afresh.
         """
-        held: OrderedDict[int, tuple[int, int, int]] | None = getattr(self._held, "fds", None)
+        held: OrderedDict[int, tuple[int, ...]] | None = getattr(self._held, "fds", None)
         if held is None:
             held = self._held.fds = OrderedDict()
         fds = held.pop(pid, None)
         if fds is not None:
             try:
                 sample = self._parse(pid, *(_pread(fd) for fd in fds))
-            except OSError:
+            except BaseException:
                 _close_all(fds)
+                # Gone, or a thread id: fall through to a fresh read, which says which.
             else:
                 held[pid] = fds
                 return sample
         base = f"{self.root}/{pid}/"
+        opened: list[int] = []
         try:
-            opened = tuple(os.open(base + name, os.O_RDONLY)
-                           for name in ("stat", "status", "cmdline"))
-        except (FileNotFoundError, ProcessLookupError):
-            raise ProcessGone(pid) from None
-        except PermissionError:
-            return self.sample(pid)  # some files unreadable: the path that tolerates it
-        try:
+            for name in ("stat", "status", "cmdline"):
+                opened.append(os.open(base + name, os.O_RDONLY))
             sample = self._parse(pid, *(_pread(fd) for fd in opened))
-        except OSError:
+        except PermissionError:
+            _close_all(opened)
+            return self.sample(pid)  # some files unreadable: the path that tolerates it
+        except (FileNotFoundError, ProcessLookupError):
             _close_all(opened)
             raise ProcessGone(pid) from None
-        held[pid] = opened
+        except BaseException:
+            _close_all(opened)
+            raise
+        held[pid] = tuple(opened)
         while len(held) > _HELD_PIDS:
             _close_all(held.popitem(last=False)[1])
         return sample
@@ -319,6 +335,8 @@ class ProcfsReader:
             stat = self._read(base + "stat")
         except (FileNotFoundError, ProcessLookupError):
             raise ProcessGone(pid) from None
+        except PermissionError:
+            raise ProcessDenied(pid) from None
         sample = self._from_stat(pid, stat)
         try:
             status = self._read(base + "status")
@@ -326,6 +344,7 @@ class ProcfsReader:
             raise ProcessGone(pid) from None
         except PermissionError:
             status = b""
+        _check_is_process(pid, status)
         sample.uid = _status_int(status, b"\nUid:")
         if cmdline:
             try:
@@ -339,6 +358,7 @@ class ProcfsReader:
         return sample
 
     def _parse(self, pid: int, stat: bytes, status: bytes, cmdline: bytes) -> Sample:
+        _check_is_process(pid, status)
         sample = self._from_stat(pid, stat)
         sample.uid = _status_int(status, b"\nUid:")
         sample.cmdline = _split_cmdline(cmdline)
@@ -405,12 +425,6 @@ class ProcfsReader:
         for key in [k for k in self._max_fds if k not in alive]:
             del self._max_fds[key]
 
-    def exe(self, pid: int) -> str | None:
-        try:
-            return os.readlink(f"{self.root}/{pid}/exe")
-        except OSError:
-            return None
-
     def proportional_memory(self, pid: int) -> tuple[int | None, int | None]:
         """(PSS, swap PSS) in bytes from smaps_rollup; costly for big processes, so opt-in."""
         try:
@@ -476,15 +490,17 @@ class PsutilReader:
             return sample
         except psutil.NoSuchProcess:
             raise ProcessGone(pid) from None
+        except psutil.AccessDenied:
+            raise ProcessDenied(pid) from None
 
     def forget(self, alive: set[tuple[int, int]]) -> None:
         pass
 
     def lookup(self, pid: int) -> Sample:
+        # psutil.Process() accepts a thread id; pid_exists() tells threads apart on Linux.
+        if not psutil.pid_exists(pid):
+            raise ProcessGone(pid)
         return self.sample(pid)
-
-    def exe(self, pid: int) -> str | None:
-        return _maybe(lambda: psutil.Process(pid).exe()) or None
 
     def proportional_memory(self, pid: int) -> tuple[int | None, int | None]:
         """(PSS, None) where psutil knows PSS (Linux); psutil has no swap PSS."""
@@ -537,13 +553,3 @@ def to_info(sample: Sample, *, system: SystemFacts, user_name: UserNames,
         command=command,
         start_time=rfc3339(sample.create_time),
     )
-
-
-def iter_samples(reader: ProcfsReader | PsutilReader, *, cmdline: bool = True,
-                 detail: bool = False) -> Iterator[Sample]:
-    """Every process readable now; ones that exit mid-read are skipped."""
-    for pid in reader.pids():
-        try:
-            yield reader.sample(pid, cmdline=cmdline, detail=detail)
-        except ProcessGone:
-            continue

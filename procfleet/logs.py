@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
@@ -29,10 +30,22 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
+_PLAIN = re.compile(r'[^\s"=\\\x00-\x1f\x7f]+')
+_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
 def _quote(text: str) -> str:
-    if text and not any(c in text for c in ' "=\n\t'):
+    if _PLAIN.fullmatch(text):
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    # Escape quotes, backslashes and every control character: a request path or process
+    # name must not be able to forge a log line or a terminal escape.
+    return '"' + _ESCAPE.sub(_escape_char, text) + '"'
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    return {"\n": "\\n", "\t": "\\t", "\r": "\\r", '"': '\\"', "\\": "\\\\"}.get(
+        char, f"\\x{ord(char):02x}")
 
 
 def setup_logging(level: str = "info") -> None:

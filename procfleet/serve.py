@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import resource
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
 import waitress
+import waitress.utilities
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer
+
+from procfleet.web import error_body
 
 
 class ListenError(ValueError):
@@ -53,6 +61,14 @@ def raise_file_limit() -> None:
             pass
 
 
+def _json_error(self: waitress.utilities.Error, ident: str | None = None
+                ) -> tuple[str, list[tuple[str, str]], bytes]:
+    """waitress's own error answers (431, 413, bad request line) in the one error shape."""
+    body = json.dumps(error_body(self.code, self.reason.lower(), str(self.body) or self.reason))
+    return (f"{self.code} {self.reason}", [("Content-Type", "application/json")],
+            body.encode("utf-8"))
+
+
 def serve(
     app: Callable[..., Any],
     host: str,
@@ -61,12 +77,15 @@ def serve(
     logger: logging.Logger,
     name: str,
     threads: int = 8,
+    grace: float = 10.0,
     **adjustments: Any,
 ) -> None:
-    """Serve `app` until SIGTERM or SIGINT, then let in-flight requests finish and return.
+    """Serve `app` until SIGTERM or SIGINT, then finish the requests in flight and return.
 
-    The waitress settings bound what a slow or greedy client can hold: a request body limit,
-    header limit and channel timeout.
+    On the signal the listening sockets close (new connections are refused), answers being
+    computed are completed and sent for up to `grace` seconds, and idle keep-alive
+    connections are dropped. The waitress settings bound what a slow or greedy client can
+    hold: request body and header limits and a channel timeout.
     """
     settings: dict[str, Any] = {
         "threads": threads,
@@ -78,15 +97,40 @@ def serve(
         "clear_untrusted_proxy_headers": True,
     }
     settings.update(adjustments)
+    # Patched once, here at the boundary: waitress answers some errors before the app runs.
+    waitress.utilities.Error.to_response = _json_error  # type: ignore[method-assign]
     server = waitress.create_server(app, host=host, port=port, **settings)
+    socket_map = getattr(server, "map", None) or server._map  # Multi- or single-socket
+    stopping: list[str] = []
 
     def stop(signum: int, frame: object) -> None:
-        logger.info("received %s, shutting down", signal.Signals(signum).name)
-        raise SystemExit(0)
+        # Only a flag: raising here could land inside a waitress handler and drop a channel.
+        stopping.append(signal.Signals(signum).name)
+        if hasattr(server, "pull_trigger"):
+            server.pull_trigger()  # wake the poll now rather than at its next timeout
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    bound = server.effective_host, server.effective_port  # type: ignore[union-attr]
+    bound = getattr(server, "effective_host", host), getattr(server, "effective_port", port)
     logger.info("%s listening on http://%s:%s", name, bound[0], bound[1])
-    server.run()
+    loop = server.asyncore
+    while not stopping:
+        loop.loop(timeout=server.adj.asyncore_loop_timeout, map=socket_map,
+                  use_poll=server.adj.asyncore_use_poll, count=1)
+    logger.info("received %s, finishing requests in flight", stopping[0])
+    _drain(server, socket_map, grace)
     logger.info("%s stopped", name)
+
+
+def _drain(server: Any, socket_map: dict[int, Any], grace: float) -> None:
+    for channel in list(socket_map.values()):
+        if isinstance(channel, BaseWSGIServer):
+            wasyncore.dispatcher.close(channel)  # stop accepting; keep the others
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(
+        isinstance(c, HTTPChannel) and (c.requests or c.total_outbufs_len)
+        for c in list(socket_map.values())
+    ):
+        server.asyncore.loop(timeout=0.05, map=socket_map, use_poll=True, count=1)
+    server.task_dispatcher.shutdown(timeout=1)
+    wasyncore.close_all(socket_map)

@@ -9,7 +9,7 @@ from http import HTTPStatus
 import falcon
 
 PID_MAX = 2147483647
-_PID_RE = re.compile(r"[0-9]{1,10}")
+_PID_RE = re.compile(r"[0-9]{1,32}")
 
 
 class PidError(ValueError):
@@ -19,16 +19,15 @@ class PidError(ValueError):
 def parse_pid(text: str) -> int:
     """Return the pid in `text`, or raise PidError saying why it is not one.
 
-    Only plain decimal digits without leading zeros are accepted: `+7`, `0x10`, `1.5`,
-    `007` or `٣` (non-ASCII digits that int() would take) are refused rather than converted.
+    Only plain ASCII decimal digits are accepted (`007` is 7): `+7`, `0x10`, `1.5` or `٣`
+    (non-ASCII digits that int() would take) are refused rather than converted, and so is
+    anything past 2147483647, never truncated. At most 32 characters are parsed.
     """
     if not _PID_RE.fullmatch(text):
         raise PidError(f"pid must be decimal digits 1 to {PID_MAX}, got {text[:32]!r}")
     pid = int(text)
     if not 1 <= pid <= PID_MAX:
         raise PidError(f"pid must be between 1 and {PID_MAX}, got {text[:32]!r}")
-    if text[0] == "0":
-        raise PidError(f"pid must not have leading zeros, got {text[:32]!r}")
     return pid
 
 

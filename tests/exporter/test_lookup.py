@@ -89,7 +89,8 @@ def test_not_found_after_exit(client, children, marker):
                         "details": f"no process with pid {child.pid}", "code": 404}
 
 
-@pytest.mark.parametrize("pid", ["0", "-1", "abc", "1.5", "+7", "0x10", "2147483648", "007",
+@pytest.mark.parametrize("pid", ["0", "-1", "abc", "1.5", "+7", "0x10", "2147483648", "000",
+                                 "00000000000000000000002147483648", "1" + "0" * 40,
                                  "99999999999999999999", "%201", "1%00", "\u0661"])
 def test_bad_pid_is_400(client, pid):
     got = client.simulate_get(f"/process/{pid}")
@@ -97,6 +98,12 @@ def test_bad_pid_is_400(client, pid):
     assert got.json["code"] == 400
     assert got.json["error"] == "invalid pid"
     assert got.json["details"]
+
+
+def test_leading_zeros_are_the_same_pid(client):
+    got = client.simulate_get("/process/0001")
+    assert got.status_code == 200
+    assert got.json["pid"] == 1
 
 
 def test_max_pid_is_valid_but_absent(client):
@@ -222,3 +229,18 @@ def test_held_proc_files_stay_bounded_and_never_show_a_dead_process(children, ma
     wait_until(lambda: psutil.Process(kids[1].pid).status() == psutil.STATUS_STOPPED,
                what="child to stop")
     assert reader.lookup(kids[1].pid).state == "T"
+
+
+THREADED = "import threading, time\nthreading.Thread(target=time.sleep, args=(600,)).start()\n" \
+           "while True: time.sleep(1)"
+
+
+def test_a_thread_id_is_not_a_process(client, children, marker):
+    child = children.spawn(marker, code=THREADED)
+    wait_until(lambda: psutil.Process(child.pid).num_threads() == 2, what="the second thread")
+    tid = next(t.id for t in psutil.Process(child.pid).threads() if t.id != child.pid)
+    assert os.path.exists(f"/proc/{tid}/stat")  # the kernel answers for threads too
+    assert client.simulate_get(f"/process/{child.pid}").status_code == 200
+    got = client.simulate_get(f"/process/{tid}")
+    assert got.status_code == 404
+    assert got.json["error"] == "process not found"
