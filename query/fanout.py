@@ -27,6 +27,7 @@ import asyncio
 import errno
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -155,6 +156,9 @@ def clean_process(data: Any) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise BadBody(f"exporter answered a process whose {name!r} is "
                           f"{type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            # json.loads takes NaN/Infinity; passing them on would break clients' JSON.
+            raise BadBody(f"exporter answered a process whose {name!r} is {value}")
         process[name] = value
     if "pid" not in process:
         raise BadBody("exporter answered a process without a pid")

@@ -83,12 +83,13 @@ class Response:
 
 @dataclass(frozen=True, slots=True)
 class Origin:
-    """Where an exporter listens: scheme, host and port (a base URL's path is not used)."""
+    """Where an exporter listens: scheme, host, port and the base URL's path prefix."""
 
     scheme: str
     host: str
     port: int
     host_header: str
+    prefix: str = ""  # "/procfleet" for http://gw/procfleet/: requests go below it
 
     @classmethod
     def parse(cls, url: str) -> Origin:
@@ -99,12 +100,13 @@ class Origin:
         host = parts.hostname
         shown = f"[{host}]" if ":" in host else host
         default = port == (443 if parts.scheme == "https" else 80)
-        return cls(parts.scheme, host, port, shown if default else f"{shown}:{port}")
+        return cls(parts.scheme, host, port, shown if default else f"{shown}:{port}",
+                   parts.path.rstrip("/"))
 
 
 def request_bytes(origin: Origin, target: str, headers: dict[str, str]) -> bytes:
     """The request head for `GET target` with `headers` (values may not hold line breaks)."""
-    lines = [f"GET {target} HTTP/1.1", f"Host: {origin.host_header}"]
+    lines = [f"GET {origin.prefix}{target} HTTP/1.1", f"Host: {origin.host_header}"]
     for name, value in headers.items():
         if "\r" in value or "\n" in value:
             raise ValueError(f"header {name} holds a line break")

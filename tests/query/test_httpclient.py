@@ -132,12 +132,20 @@ def test_connection_closed_early(raw: bytes, error: type[Exception]) -> None:
 
 
 def test_request_head() -> None:
-    origin = Origin.parse("http://10.0.0.1:9256/ignored/path")
+    origin = Origin.parse("http://10.0.0.1:9256")
     assert origin == Origin("http", "10.0.0.1", 9256, "10.0.0.1:9256")
     assert Origin.parse("https://[::1]/").host_header == "[::1]"
+    assert Origin.parse("https://[::1]/").prefix == ""
     assert request_bytes(origin, "/process/1?a=b", {"Accept": "application/json"}) == (
         b"GET /process/1?a=b HTTP/1.1\r\nHost: 10.0.0.1:9256\r\nAccept: application/json"
         b"\r\n\r\n")
+
+
+def test_a_base_url_path_prefixes_every_request() -> None:
+    # SPEC: the query service calls exactly /process/{pid} on each exporter's base URL.
+    origin = Origin.parse("http://gw.example:8000/hosts/web-01/")
+    assert request_bytes(origin, "/process/7", {}) == (
+        b"GET /hosts/web-01/process/7 HTTP/1.1\r\nHost: gw.example:8000\r\n\r\n")
     with pytest.raises(ValueError):
         request_bytes(origin, "/", {"Authorization": "Bearer x\r\nEvil: 1"})
 
@@ -211,3 +219,11 @@ def test_async_client_retries_a_connection_closed_while_idle(closing_server) -> 
 
     asyncio.run(main())
     assert len(accepted) == 3
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_numbers_are_a_bad_body(value: float) -> None:
+    from query.fanout import BadBody, clean_process
+
+    with pytest.raises(BadBody):
+        clean_process({"pid": 1, "cpu_percent": value})
