@@ -14,10 +14,16 @@ from prometheus_client.exposition import choose_encoder
 
 from exporter.collector import ProcessCollector
 from exporter.config import Config
-from exporter.lookup import MAX_LIMIT, SORT_KEYS, ListQuery, ProcessLookup
+from exporter.lookup import ListQuery, ProcessLookup
 from exporter.procs import ProcessGone, Reader, UserNames, make_reader
 from procfleet import __version__
-from procfleet.web import install_error_handling, pid_or_400
+from procfleet.web import (
+    FILTER_MAX_LENGTH,
+    LIST_LIMIT_MAX,
+    SORT_KEYS,
+    install_error_handling,
+    pid_or_400,
+)
 
 log = logging.getLogger("procfleet.exporter")
 
@@ -105,20 +111,21 @@ def parse_list_query(req: falcon.Request) -> ListQuery:
     limit = None
     if limit_text is not None:
         if not limit_text.isdigit() or not limit_text.isascii() or not (
-            1 <= int(limit_text) <= MAX_LIMIT
+            1 <= int(limit_text) <= LIST_LIMIT_MAX
         ):
             raise falcon.HTTPBadRequest(
                 title="invalid parameter",
-                description=f"limit must be an integer from 1 to {MAX_LIMIT}, "
+                description=f"limit must be an integer from 1 to {LIST_LIMIT_MAX}, "
                             f"got {limit_text[:32]!r}",
             )
         limit = int(limit_text)
     name = req.get_param("name")
     user = req.get_param("user")
     for key, value in (("name", name), ("user", user)):
-        if value is not None and (not value or len(value) > 256):
+        if value is not None and (not value or len(value) > FILTER_MAX_LENGTH):
             raise falcon.HTTPBadRequest(
-                title="invalid parameter", description=f"{key} must be 1 to 256 characters"
+                title="invalid parameter",
+                description=f"{key} must be 1 to {FILTER_MAX_LENGTH} characters",
             )
     return ListQuery(name=name, user=user, sort=sort, limit=limit)
 

@@ -36,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from exporter.groups import GroupMatcher, name_process
-from exporter.procs import ProcessDenied, ProcessGone, ProcfsReader, PsutilReader, Sample
+from exporter.procs import ProcessDenied, ProcessGone, Reader, Sample
 from procfleet.configcheck import Problems
 
 MAX_TOP_N = 1000
@@ -128,7 +128,7 @@ class ProcessCollector(Collector):
     scrapes take turns, and each sees one consistent snapshot.
     """
 
-    def __init__(self, reader: ProcfsReader | PsutilReader, groups: tuple[GroupMatcher, ...],
+    def __init__(self, reader: Reader, groups: tuple[GroupMatcher, ...],
                  options: MetricsOptions, *, version: str,
                  user_name: Callable[[int], str]) -> None:
         self._reader = reader
@@ -176,7 +176,7 @@ class ProcessCollector(Collector):
                 if inc is not None and inc.start != sample.start_ticks:
                     inc, detail = None, True  # the pid was reused: a new process
                     sample = reader.sample(pid, cmdline=True, detail=True)
-                pss = (reader.proportional_memory(pid)  # type: ignore[union-attr]
+                pss = (reader.proportional_memory(pid)
                        if smaps and detail else None)
             except (ProcessDenied, PermissionError):
                 errors["denied"] += 1

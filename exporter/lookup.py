@@ -9,14 +9,13 @@ from dataclasses import dataclass
 
 from exporter.procs import ProcessGone, ProcessInfo, Reader, UserNames, to_info
 
-SORT_KEYS: dict[str, Callable[[ProcessInfo], float]] = {
+SORT_ORDER: dict[str, Callable[[ProcessInfo], float]] = {
     "cpu": lambda p: p.cpu_percent or 0.0,
     "mem": lambda p: p.mem_percent or 0.0,
     "rss": lambda p: float(p.mem_rss or 0),
     # Newest first: "what just started?" is the question a top-N by start answers.
     "start": lambda p: p.start_time or "",  # type: ignore[dict-item]
 }
-MAX_LIMIT = 100_000
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class ProcessLookup:
                 continue
             found.append(info)
         if query.sort is not None:
-            found.sort(key=SORT_KEYS[query.sort], reverse=True)
+            found.sort(key=SORT_ORDER[query.sort], reverse=True)
         else:
             found.sort(key=lambda p: p.pid)
         return found[: query.limit] if query.limit is not None else found

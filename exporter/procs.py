@@ -9,7 +9,6 @@ are both derived, so the two cannot drift.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import pwd
 import sys
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import psutil
+
+from procfleet.web import rfc3339
 
 # The state vocabulary of the API this service replaces (gopsutil's words).
 STATE_WORDS = {
@@ -181,6 +182,14 @@ class Reader(Protocol):
 
     def lookup(self, pid: int) -> Sample:
         """Read one process for a PID lookup (stat, uid and command line), fresh."""
+        ...
+
+    def proportional_memory(self, pid: int) -> tuple[int | None, int | None]:
+        """(PSS, swap PSS) in bytes where the platform tells them; costly, so opt-in."""
+        ...
+
+    def forget(self, alive: set[tuple[int, int]]) -> None:
+        """Drop what is cached about processes not in `alive` (pid, start ticks)."""
         ...
 
 
@@ -526,11 +535,6 @@ def make_reader(kind: str = "auto") -> ProcfsReader | PsutilReader:
     if kind == "procfs" or (sys.platform.startswith("linux") and os.path.exists("/proc/self/stat")):
         return ProcfsReader()
     return PsutilReader()
-
-
-def rfc3339(epoch: float) -> str:
-    """Whole-second UTC timestamp with a Z suffix, e.g. 2026-01-15T10:30:00Z."""
-    return dt.datetime.fromtimestamp(int(epoch), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def to_info(sample: Sample, *, system: SystemFacts, user_name: UserNames,

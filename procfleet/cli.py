@@ -26,9 +26,10 @@ from typing import Any, NoReturn, TextIO
 
 from procfleet import __version__
 
+# As procfleet.web.SORT_KEYS; repeated so the client needs only the standard library.
+SORT_KEYS = ("cpu", "mem", "rss", "start")
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TIMEOUT = 10.0
-SORT_KEYS = ("cpu", "mem", "rss", "start")
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1

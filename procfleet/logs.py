@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import queue
 import re
 import sys
+import threading
 import time
+from typing import TextIO
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -48,11 +51,68 @@ def _escape_char(match: re.Match[str]) -> str:
         char, f"\\x{ord(char):02x}")
 
 
+class BackgroundWriter(logging.Handler):
+    """Formats in the caller, writes from one thread: request threads never wait on stderr.
+
+    Under load a plain StreamHandler makes every request thread queue on one lock while
+    another writes its line, a system call each. Here a line is a queue put, and the writer
+    thread sends whatever has queued up in one write. `close()` (run by logging at exit)
+    writes what is left.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._stream = stream
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # No handler lock: the queue is thread-safe, and the lock is what threads queued on.
+        if not self.filter(record):
+            return False
+        try:
+            self._lines.put(self.format(record))
+        except Exception:
+            self.handleError(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+    def _write(self) -> None:
+        while True:
+            line = self._lines.get()
+            batch = []
+            while line is not None:
+                batch.append(line)
+                try:
+                    line = self._lines.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                try:
+                    self._stream.write("\n".join(batch) + "\n")
+                    self._stream.flush()
+                except (OSError, ValueError):
+                    pass  # stderr closed: nothing useful left to do with a log line
+            if line is None:
+                return
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._lines.put(None)
+            self._thread.join(timeout=5)
+        super().close()
+
+
 def setup_logging(level: str = "info") -> None:
     """Send every log line to stderr in logfmt at `level`."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BackgroundWriter(sys.stderr)
     handler.setFormatter(LogfmtFormatter())
     root = logging.getLogger()
+    for old in root.handlers:
+        old.close()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # waitress logs each queue-depth warning at WARNING; keep those, drop its INFO chatter.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
 from http import HTTPStatus
@@ -9,6 +10,10 @@ from http import HTTPStatus
 import falcon
 
 PID_MAX = 2147483647
+# GET /process and GET /node/{target}/process share these filter rules.
+SORT_KEYS = ("cpu", "mem", "rss", "start")
+LIST_LIMIT_MAX = 100_000
+FILTER_MAX_LENGTH = 256
 _PID_RE = re.compile(r"[0-9]{1,32}")
 
 
@@ -37,6 +42,11 @@ def pid_or_400(text: str) -> int:
         return parse_pid(text)
     except PidError as exc:
         raise falcon.HTTPBadRequest(title="invalid pid", description=str(exc)) from None
+
+
+def rfc3339(epoch: float) -> str:
+    """Whole-second UTC timestamp with a Z suffix, e.g. 2026-01-15T10:30:00Z."""
+    return dt.datetime.fromtimestamp(int(epoch), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def error_body(status: int, error: str, details: str) -> dict[str, object]:

@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import atexit
 import logging
+import random
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import falcon
 
 import procfleet
-from procfleet.web import install_error_handling, pid_or_400
+from procfleet.web import (
+    FILTER_MAX_LENGTH,
+    LIST_LIMIT_MAX,
+    SORT_KEYS,
+    install_error_handling,
+    pid_or_400,
+    rfc3339,
+)
 from query import metrics as query_metrics
 from query import openapi
 from query.auth import PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
@@ -34,9 +41,6 @@ from query.targets import Target, TargetError, parse_target, resolve
 
 log = logging.getLogger("query.app")
 
-SORT_KEYS = ("cpu", "mem", "rss", "start")
-LIST_LIMIT_MAX = 100_000
-FILTER_MAX_LENGTH = 256
 
 
 def create_app(config: Config, *, discovery: Discovery | None = None,
@@ -78,7 +82,7 @@ class RequestLog:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
-        req.context.job_id = str(uuid.uuid4())
+        req.context.job_id = new_job_id()
         req.context.api_key = None
         resp.set_header("X-Request-Id", req.context.job_id)
 
@@ -173,10 +177,13 @@ def list_filters(params: dict[str, Any]) -> dict[str, str]:
     return filters
 
 
-def _rfc3339(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(int(timestamp), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _maybe_rfc3339(timestamp: float | None) -> str | None:
+    return rfc3339(timestamp) if timestamp is not None else None
+
+
+def new_job_id() -> str:
+    """A fresh version-4 UUID. Not secret, so from `random`: uuid4() costs a urandom call."""
+    return str(uuid.UUID(int=random.getrandbits(128), version=4))
 
 
 class NodesResource:
@@ -197,8 +204,8 @@ class NodesResource:
     def _describe(self, exporter: Any) -> dict[str, Any]:
         health = self.discovery.health(exporter.hostname)
         described: dict[str, Any] = {"status": health.status}
-        for key, value in (("last_checked", _rfc3339(health.last_checked)),
-                           ("last_seen", _rfc3339(health.last_seen)),
+        for key, value in (("last_checked", _maybe_rfc3339(health.last_checked)),
+                           ("last_seen", _maybe_rfc3339(health.last_seen)),
                            ("last_error", health.last_error)):
             if value is not None:
                 described[key] = value

@@ -166,15 +166,18 @@ def child():
     """A sleeping child process, visible before the test runs and always reaped."""
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                                 "--password=hunter2"])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(process.pid).cmdline()[-1] == "--password=hunter2":
-                break
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
     try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                # Between fork and exec the argv may be empty: keep waiting.
+                if psutil.Process(process.pid).cmdline()[-1:] == ["--password=hunter2"]:
+                    break
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the child did not exec in 10 s")
         yield process
     finally:
         process.kill()

@@ -133,7 +133,7 @@ def test_unicast_skipped_is_200_with_the_reason(fleet_client, hostname, error, c
     ("/node/ok/process/0x10", "pid must be decimal digits"),
     ("/node/ok/process/+7", "pid must be decimal digits"),
     ("/node/ok/process/2147483648", "pid must be between 1 and 2147483647"),
-    ("/node/ok/process/99999999999999999999", "pid must be decimal digits"),
+    ("/node/ok/process/99999999999999999999", "pid must be between 1 and 2147483647"),
     ("/node/_bogus/process/1", "reserved"),
     ("/node/web*/process/1", "not a hostname"),
     ("/node/group:/process/1", "invalid value"),
