@@ -37,7 +37,7 @@ run: install ## Run an exporter and the query service on this host with built-in
 	$(PY) -m procfleet.runlocal
 
 .PHONY: test
-test: install debs ## Run the whole test suite (fails when any test fails)
+test: lint debs ## Lint, then run the whole test suite (fails when anything fails)
 	$(PY) -m pytest -q
 
 .PHONY: lint
