@@ -153,6 +153,12 @@ class MetricsResource:
         resp.content_type = content_type
 
 
+def _slashed_pid(req: falcon.Request, resp: falcon.Response, **params: object) -> None:
+    # /process/1%2F2 reaches routing as /process/1/2: a bad pid, not an unknown path.
+    raise falcon.HTTPBadRequest(title="invalid pid",
+                                description="pid must be decimal digits, without '/'")
+
+
 def create_app(config: Config, *, reader: Reader | None = None,
                registry: CollectorRegistry | None = None) -> falcon.App:
     """Build the exporter app. Tests pass their own reader or registry."""
@@ -176,4 +182,5 @@ def create_app(config: Config, *, reader: Reader | None = None,
     app.add_route("/process/{pid}", ProcessResource(lookup))
     app.add_route("/metrics", MetricsResource(registry))
     app.add_route("/openapi.json", OpenApiResource())
+    app.add_sink(_slashed_pid, prefix=r"^/process/[^/]*/")
     return app

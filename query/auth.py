@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from typing import Any
 
@@ -117,5 +118,18 @@ class NotFoundSink:
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **params: Any) -> None:
         self.authenticator.check(req, AUTHENTICATED)
+        if _SLASHED_TARGET.match(req.path):
+            # A %2F in the target is decoded before routing: it is a bad target, not a path.
+            raise falcon.HTTPBadRequest(
+                title="invalid target",
+                description="a target may not contain '/': use a host name, _any, _all or "
+                            "key:value selectors")
+        if _SLASHED_PID.match(req.path):
+            raise falcon.HTTPBadRequest(
+                title="invalid pid", description="pid must be decimal digits, without '/'")
         raise falcon.HTTPNotFound(title="not found",
                                   description=f"no such endpoint: {req.path[:200]}")
+
+
+_SLASHED_PID = re.compile(r"^/node/[^/]+/process/[^/]*/.*$")
+_SLASHED_TARGET = re.compile(r"^/node/[^/]*/.+/process(/[^/]*)?$")

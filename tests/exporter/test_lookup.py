@@ -100,6 +100,13 @@ def test_bad_pid_is_400(client, pid):
     assert got.json["details"]
 
 
+@pytest.mark.parametrize("path", ["/process/1%2F2", "/process/1/2", "/process/%2F"])
+def test_a_slash_in_the_pid_is_400_not_an_unknown_path(client, path):
+    got = client.simulate_get(path)
+    assert got.status_code == 400
+    assert got.json["error"] == "invalid pid"
+
+
 def test_leading_zeros_are_the_same_pid(client):
     got = client.simulate_get("/process/0001")
     assert got.status_code == 200

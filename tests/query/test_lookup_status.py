@@ -134,6 +134,8 @@ def test_unicast_skipped_is_200_with_the_reason(fleet_client, hostname, error, c
     ("/node/ok/process/+7", "pid must be decimal digits"),
     ("/node/ok/process/2147483648", "pid must be between 1 and 2147483647"),
     ("/node/ok/process/99999999999999999999", "pid must be between 1 and 2147483647"),
+    ("/node/web%2F01/process/1", "a target may not contain '/'"),
+    ("/node/ok/process/1%2F2", "pid must be decimal digits, without '/'"),
     ("/node/_bogus/process/1", "reserved"),
     ("/node/web*/process/1", "not a hostname"),
     ("/node/group:/process/1", "invalid value"),

@@ -152,15 +152,15 @@ def test_bad_pids_are_400(pid: bytes, auth: str, exporter: Server,
 # Paths that are not a process lookup at all, or only look like one: a 4xx with the error
 # body, or (where the path normalises to a real one) the real answer. Never a 5xx.
 ODD_PATHS = [
-    (b"/process/1%2F2", {404}),  # percent-encoded slash: decoded to /process/1/2, no route
+    (b"/process/1%2F2", {400}),  # percent-encoded slash: decoded to /process/1/2, a bad pid
     (b"/process/%2F", {400, 404}),
-    (b"/process/1/2", {404}),
-    (b"/process//1", {404}),
+    (b"/process/1/2", {400}),
+    (b"/process//1", {400}),
     (b"/process/1/", {200}),  # trailing slash is stripped
     (b"/process//", {200, 400, 404}),  # an empty pid segment
     (b"//process/1", {200, 404}),
-    (b"/process/%2e%2e/healthz", {404}),
-    (b"/process/../metrics", {200, 404}),
+    (b"/process/%2e%2e/healthz", {400}),
+    (b"/process/../metrics", {200, 400}),
     (b"/%00", {404}),
     (b"/healthz%00", {404}),
     (b"/metrics%2F", {200, 404}),  # decodes to /metrics/, the trailing slash is stripped

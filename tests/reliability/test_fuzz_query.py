@@ -187,7 +187,7 @@ NASTY = [
     (b"/node/group%3Aweb/process/1", {400, 404}),  # encoded ':'
     (b"/node/_all%2C_any/process/1", {400}),
     (b"/node/_any/process/1;x", {400}),
-    (b"/node/rel-open/process/1/extra", {404}),
+    (b"/node/rel-open/process/1/extra", {400}),  # a pid with a slash
     (b"/node/rel-open/process?limit=1&limit=2", {400}),  # repeated filter
     (b"/node/rel-open/process?bogus=1", {400}),
     (b"/node/rel-open/process?limit=%EF%BC%91", {400}),
