@@ -10,7 +10,9 @@ import argparse
 import subprocess
 import sys
 
-from benchlib import BIN, free_port, median, rss_bytes, save, start, stop, wrk
+from benchlib import BIN, median, rss_bytes, save, start, stop, wrk
+
+from procfleet.testing import free_port
 
 
 def main() -> int:

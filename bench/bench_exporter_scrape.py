@@ -32,12 +32,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from procfleet.testing import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 from _procs import (  # noqa: E402
     Server,
     Sleepers,
     cpu_seconds,
-    free_port,
     live_pids,
     raise_nofile,
     rss_bytes,

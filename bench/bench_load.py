@@ -25,7 +25,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchlib import BIN, free_port, raise_fd_limit, rss_bytes, save, start, stop, wrk
+from benchlib import BIN, raise_fd_limit, rss_bytes, save, start, stop, wrk
+
+from procfleet.testing import free_port
 
 WARMUP_SECONDS = 5
 

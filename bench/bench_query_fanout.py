@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from procfleet.testing import free_port
+
 DELAY = 0.020
 PORTS_PER_HELPER = 2500  # a helper holds a listening socket and a connection per port
 BARS_MS = {200: (60, 40), 1000: (250, 150)}  # exporters: (bar, aim)
@@ -114,12 +116,6 @@ def start_helpers(total: int, delay: float = DELAY) -> tuple[list[subprocess.Pop
 
 
 # -- the query service -------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_query(ports: list[int], workdir: Path) -> tuple[subprocess.Popen, int, Path]:
     config = workdir / f"query-{len(ports)}.yml"

@@ -8,7 +8,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from exporter_testing import Children, Server, free_port
+from exporter_testing import Children, Server
+
+from procfleet.testing import free_port
 
 
 @pytest.fixture

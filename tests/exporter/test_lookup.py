@@ -11,11 +11,12 @@ from datetime import UTC, datetime
 import falcon.testing
 import psutil
 import pytest
-from exporter_testing import SPINNER, wait_until
+from exporter_testing import SPINNER
 
 from exporter.app import create_app
 from exporter.config import Config
 from exporter.procs import ProcessGone, ProcfsReader, PsutilReader
+from procfleet.testing import wait_until
 
 READERS = {"procfs": ProcfsReader, "psutil": PsutilReader}
 

@@ -26,7 +26,6 @@ from integration_testing import (
     Groups,
     PrometheusAPI,
     QueryService,
-    free_port,
     keygen,
     process_visible,
     running,
@@ -34,6 +33,8 @@ from integration_testing import (
     stop,
     wait_until,
 )
+
+from procfleet.testing import free_port
 
 
 @pytest.fixture(scope="session")

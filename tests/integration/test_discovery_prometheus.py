@@ -28,7 +28,6 @@ from integration_testing import (
     Exporter,
     PrometheusAPI,
     QueryService,
-    free_port,
     keygen,
     process_visible,
     running,
@@ -38,6 +37,7 @@ from integration_testing import (
 )
 
 import query.config
+from procfleet.testing import free_port
 
 JOB = "procfleet"
 SD_JOB = "procfleet-via-query-sd"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +12,7 @@ import pytest
 import requests
 
 from procfleet.serve import ListenError, is_loopback, parse_listen
+from procfleet.testing import free_port
 
 APP = """
 import logging, sys, time
@@ -28,12 +28,6 @@ def app(environ, start_response):
 setup_logging("info")
 serve(app, "127.0.0.1", int(sys.argv[1]), logger=logging.getLogger("t"), name="t", threads=2)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ import falcon.testing
 import pytest
 from aiohttp import web
 
+from procfleet.testing import free_port
 from query.app import create_app
 from query.config import Config, parse
 from query.fanout import Fanout
@@ -97,13 +98,6 @@ async def _not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
     writer.write(b"SSH-2.0-OpenSSH_9.6 this is not HTTP\r\n\r\n")
     await writer.drain()
     writer.close()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (just now)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -12,14 +12,9 @@ import falcon.testing
 import psutil
 import pytest
 import yaml
-from query_testing import (
-    EXPORTER_TIMEOUT,
-    KNOWN_PID,
-    PROCESS,
-    free_port,
-    wait_ready,
-)
+from query_testing import EXPORTER_TIMEOUT, KNOWN_PID, PROCESS, wait_ready
 
+from procfleet.testing import free_port
 from query.app import create_app
 from query.config import parse
 from query.fanout import Fanout

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from query_testing import free_port, make_config
+from query_testing import make_config
 
+from procfleet.testing import free_port
 from query.config import PrometheusSD
 from query.discovery import Discovery, DiscoveryError, PrometheusSource
 

@@ -13,12 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from http.client import HTTPResponse
 from pathlib import Path
 
 import requests
+
+from procfleet.testing import free_port, reap, wait_until
 
 BIN = Path(sys.executable).parent
 EXPORTER = str(BIN / "procfleet-exporter")
@@ -28,23 +29,6 @@ SLEEPER = "import time\nwhile True: time.sleep(1)"
 TOKEN = "reliability-test-token-Zq7u2Lw9"
 TOKEN_SHA256 = hashlib.sha256(TOKEN.encode()).hexdigest()
 ERROR_KEYS = {"error", "details", "code"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check: Callable[[], bool], *, timeout: float = 10.0,
-               what: str = "condition") -> None:
-    """Poll `check` until it is true; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Server:
@@ -141,15 +125,6 @@ def spawn_sleeper(*args: str) -> subprocess.Popen:
 
     wait_until(visible, what=f"child {proc.pid} to exec")
     return proc
-
-
-def reap(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def new_api_key(name: str, *permissions: str) -> tuple[str, str]:

@@ -23,12 +23,12 @@ from reliability_testing import (
     FAULTS,
     Server,
     query_config,
-    reap,
     spawn_sleeper,
     start_fakes,
     start_query,
-    wait_until,
 )
+
+from procfleet.testing import reap, wait_until
 
 EXPORTER_TIMEOUT = 1.0
 REQUEST_DEADLINE = 2.5

@@ -23,12 +23,13 @@ from reliability_testing import (
     new_api_key,
     query_config,
     raw_request,
-    reap,
     spawn_sleeper,
     start_query,
 )
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi import checks as oas
+
+from procfleet.testing import reap
 
 CASES = 500  # per operation and generation mode
 SCHEMA_CHECKS = [oas.status_code_conformance, oas.content_type_conformance,

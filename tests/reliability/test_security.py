@@ -23,16 +23,15 @@ from reliability_testing import (
     TOKEN,
     TOKEN_SHA256,
     Server,
-    free_port,
     new_api_key,
     query_config,
-    reap,
     spawn_sleeper,
     start_exporter,
     start_query,
     token_config,
-    wait_until,
 )
+
+from procfleet.testing import free_port, reap, wait_until
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 ERROR_KEYS = {"error", "details", "code"}
