@@ -6,11 +6,14 @@ benchmarks share one copy.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -54,3 +57,56 @@ def reap(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
+
+
+class Server:
+    """A service started as users start it, its stdout and stderr kept in a log file."""
+
+    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+        self.argv = argv
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self._log_file = log.open("wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def healthy(self, path: str = "/healthz", timeout: float = 5.0) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, path: str = "/healthz", timeout: float = 20.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.argv[0]} exited early:\n{self.output()}")
+            return self.healthy(path, timeout=1)
+
+        wait_until(ready, timeout=timeout, what=f"{self.url}{path}")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/task"))
+
+    def stop(self) -> int:
+        """SIGTERM, wait (bounded), and return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(timeout=5)
+        self._log_file.close()
+        return code

@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from exporter_testing import Children, Server
+from exporter_testing import Children
 
-from procfleet.testing import free_port
+from procfleet.testing import Server, free_port
 
 
 @pytest.fixture

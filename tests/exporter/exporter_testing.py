@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import psutil
-import requests
 
 from procfleet.testing import reap, wait_until
 
@@ -61,35 +58,3 @@ class Children:
             reap(proc)
 
 
-class Server:
-    """A service started as users start it, on a free loopback port."""
-
-    def __init__(self, argv: list[str], port: int, log: Path) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        self._log_file = log.open("wb")
-        self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-
-    def wait_ready(self, path: str = "/healthz", timeout: float = 20.0) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited early:\n{self.log.read_text()}")
-            try:
-                return requests.get(self.url + path, timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_until(ready, timeout=timeout, what=f"{self.url}{path}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(timeout=5)
-        self._log_file.close()
-        return code

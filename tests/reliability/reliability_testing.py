@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,9 +16,7 @@ from collections.abc import Sequence
 from http.client import HTTPResponse
 from pathlib import Path
 
-import requests
-
-from procfleet.testing import free_port, reap, wait_until
+from procfleet.testing import Server, free_port, reap, wait_until
 
 BIN = Path(sys.executable).parent
 EXPORTER = str(BIN / "procfleet-exporter")
@@ -29,61 +26,6 @@ SLEEPER = "import time\nwhile True: time.sleep(1)"
 TOKEN = "reliability-test-token-Zq7u2Lw9"
 TOKEN_SHA256 = hashlib.sha256(TOKEN.encode()).hexdigest()
 ERROR_KEYS = {"error", "details", "code"}
-
-
-class Server:
-    """A service started as users start it, its stdout and stderr kept in a log file."""
-
-    def __init__(self, argv: list[str], port: int, log: Path) -> None:
-        self.argv = argv
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        self._log_file = log.open("wb")
-        self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self, path: str = "/healthz", timeout: float = 20.0) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.argv[0]} exited early:\n{self.output()}")
-            try:
-                return requests.get(self.url + path, timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_until(ready, timeout=timeout, what=f"{self.url}{path}")
-
-    def healthy(self) -> bool:
-        try:
-            return requests.get(self.url + "/healthz", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def threads(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/task"))
-
-    def stop(self) -> int:
-        """SIGTERM, wait (bounded), and return the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(timeout=5)
-        self._log_file.close()
-        return code
 
 
 def start_exporter(tmp: Path, *extra: str, config: str | None = None,
