@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import stop
+
 from procfleet.testing import free_port
 
 DELAY = 0.020
@@ -139,16 +141,6 @@ def start_query(ports: list[int], workdir: Path) -> tuple[subprocess.Popen, int,
         except OSError:
             time.sleep(0.05)
     raise RuntimeError("query service not ready in 30 s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def time_lookups(port: int, count: int, runs: int, warmups: int) -> dict:

@@ -31,54 +31,25 @@ import platform
 import re
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
+
+from benchlib import stop
+
+from procfleet.testing import free_port, wait_ready
 
 BAR, AIM = 0.50, 0.60
 RESULTS = Path(__file__).resolve().parent / "results"
 HOSTNAME = "bench-host"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: process exited\n{log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} not ready within 30 s")
-
-
 def start(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def wrk(url: str, seconds: int, headers: dict[str, str], conns: int = 16) -> dict:
@@ -118,7 +89,7 @@ def main() -> int:
             processes.append(start(["-m", "exporter", "--listen", f"127.0.0.1:{exporter_port}",
                                     "--hostname", HOSTNAME], exporter_log))
             exporter = f"http://127.0.0.1:{exporter_port}"
-            wait_ready(exporter + "/healthz", processes[-1], exporter_log)
+            wait_ready(exporter + "/healthz", processes[-1], log=exporter_log)
             config = workdir / "query.yml"
             config.write_text(
                 "auth:\n  api_keys:\n"
@@ -144,7 +115,7 @@ def main() -> int:
                                  "--listen", f"127.0.0.1:{query_port}"], query_log)
                 processes.append(service)
                 try:
-                    wait_ready(query + "/healthz", service, query_log)
+                    wait_ready(query + "/healthz", service, log=query_log)
                     warm_up(*via_target)
                     rows["via query"].append(wrk(via_target[0], args.duration, via_target[1]))
                 finally:

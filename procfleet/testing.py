@@ -34,12 +34,14 @@ def wait_until(check: Callable[[], bool], *, timeout: float = 10.0,
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Wait until `url` answers 200, failing early if the server process has exited."""
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 30.0,
+               log: Path | None = None) -> None:
+    """Wait until `url` answers 200, failing early (with `log`'s tail) if the server exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{url}: server exited with {proc.returncode}")
+            tail = f"\n{log.read_text(errors='replace')[-2000:]}" if log is not None else ""
+            raise RuntimeError(f"{url}: server exited with {proc.returncode}{tail}")
         try:
             with urllib.request.urlopen(url, timeout=1) as resp:
                 if resp.status == 200:
