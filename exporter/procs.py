@@ -107,7 +107,7 @@ class Sample:
 
 @dataclass(frozen=True, slots=True)
 class ProcessInfo:
-    """One process as the API shows it (SPEC "Process fields"). None fields are omitted."""
+    """One process as the API shows it (docs/api.md#process-object). None fields are omitted."""
 
     pid: int
     name: str | None = None
@@ -539,7 +539,7 @@ def make_reader(kind: str = "auto") -> ProcfsReader | PsutilReader:
 
 def to_info(sample: Sample, *, system: SystemFacts, user_name: UserNames,
             mask: object = None, now: float | None = None) -> ProcessInfo:
-    """Turn a Sample into the API's process object (SPEC "Process fields")."""
+    """Turn a Sample into the API's process object (docs/api.md#process-object)."""
     now = time.time() if now is None else now
     age = max(now - sample.create_time, 1e-9)
     command = None

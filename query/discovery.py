@@ -1,7 +1,7 @@
 """Which exporters exist (discovery) and how each last answered (health).
 
 A `Discovery` merges the exporters of its sources into one immutable `Fleet` snapshot that
-request threads read without locks. The sources (SPEC.md, "Discovery"):
+request threads read without locks. The sources (docs/api.md#discovery):
 
     static      `exporters:` of the YAML
     file_sd     Prometheus file_sd files (JSON or YAML, globs), re-read when they change

@@ -1,7 +1,8 @@
 """The query use cases, without HTTP: resolve a target, fan out, decide the answer.
 
 `Lookup.process(target, pid)` and `Lookup.processes(target, filters)` return an `Answer`:
-the status code SPEC.md prescribes and the per-exporter results (or the error and details).
+the status code docs/api.md#status-codes prescribes and the per-exporter results (or the error
+and details).
 
     unicast (hostname, _any)       ok -> 200; skipped -> 200 (the result says why);
                                    not found -> 404 "process not found";

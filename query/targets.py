@@ -7,7 +7,7 @@ Pure functions over plain values, no I/O:
     >>> [e.hostname for e in resolve(parse_target("group:web"), exporters)]
     ['web-01', 'web-02']
 
-The forms (SPEC.md, "the target"): a literal hostname (unicast), `_any` (unicast, any one
+The forms (docs/api.md#targets): a literal hostname (unicast), `_any` (unicast, any one
 healthy exporter), `_all` (broadcast), `key:value` and comma-joined selectors (broadcast, all
 must match; a value matches a label equal to it or beginning with it plus a dot).
 """

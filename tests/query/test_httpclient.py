@@ -142,7 +142,7 @@ def test_request_head() -> None:
 
 
 def test_a_base_url_path_prefixes_every_request() -> None:
-    # SPEC: the query service calls exactly /process/{pid} on each exporter's base URL.
+    # docs/api.md#fan-out: the query service calls /process/{pid} on each exporter's base URL.
     origin = Origin.parse("http://gw.example:8000/hosts/web-01/")
     assert request_bytes(origin, "/process/7", {}) == (
         b"GET /hosts/web-01/process/7 HTTP/1.1\r\nHost: gw.example:8000\r\n\r\n")

@@ -1,4 +1,4 @@
-"""The status-code table of SPEC.md through create_app, against fake exporters on 127.0.0.1."""
+"""The table of docs/api.md#status-codes through create_app, against fake exporters on 127.0.0.1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Target syntax and resolution, as tables (SPEC.md, "the target")."""
+"""Target syntax and resolution, as tables (docs/api.md#targets)."""
 
 from __future__ import annotations
 

@@ -150,7 +150,7 @@ def test_schemathesis(schema: schemathesis.BaseSchema, query: Server, api_key: t
 
 # -- hand-written nasty inputs ------------------------------------------------------------------
 
-# (request target, allowed statuses): the target and pid rules of SPEC "Query service".
+# (request target, allowed statuses): the rules of docs/api.md#targets and #pid.
 NASTY = [
     (b"/node/rel-open%2Frel-token/process/1", {400, 404}),  # encoded slash in the target
     (b"/node/rel-open%00/process/1", {400}),  # NUL
