@@ -6,6 +6,8 @@ import socket
 
 from hostile_exporter import MODES, HostileExporter
 
+from procfleet.testing import wait_until
+
 
 def ask(port: int, path: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -34,5 +36,6 @@ def test_stopping_closes_a_hung_connection() -> None:
     with HostileExporter(lifetime=30) as server:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         sock.sendall(b"GET /hang/process/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: server.stats.requests.get("hang") == 1, what="the hung request")
     with sock:
         assert sock.recv(10) == b""  # closed by the server's stop, not left hanging
