@@ -468,7 +468,7 @@ def _says_not_found(body: bytes) -> bool:
 
 def _status_message(status: int) -> str:
     message = f"exporter answered HTTP {status}"
-    if 300 <= status < 400:
+    if status in (301, 302, 303, 307, 308):  # 304 Not Modified is no redirect
         return message + " (redirects are not followed)"
     if status in (401, 403):
         return message + " (check the exporter token)"

@@ -19,20 +19,29 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
+import select
 import socket
 import ssl
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 BodyCap = Callable[[int], "int | None"]
 
 IDLE_SECONDS = 15.0  # close idle connections before the exporters' servers do (waitress: 30 s)
 MAX_IDLE_PER_ORIGIN = 64
+MAX_IDLE_TOTAL = 16384  # above the largest fleet one fan-out keeps a connection to
 DNS_TTL = 60.0
+NEGATIVE_TTL = 5.0  # a failed lookup is retried after this long, not on every call
+MAX_NAMES = 65536
+MAX_FAILED_NAMES = 4096
+MAX_HEAD = 64 * 1024  # an exporter's answer head is a few hundred bytes
+MAX_INTERIM = 8  # 1xx answers before the real one
+MAX_CHUNK_LINE = 8 * 1024  # a chunk-size line, or all of the trailers
 _READ_SIZE = 64 * 1024  # below malloc's mmap threshold: no map and unmap per read
 
 
@@ -106,7 +115,9 @@ class Origin:
 
 def request_bytes(origin: Origin, target: str, headers: dict[str, str]) -> bytes:
     """The request head for `GET target` with `headers` (values may not hold line breaks)."""
-    lines = [f"GET {origin.prefix}{target} HTTP/1.1", f"Host: {origin.host_header}"]
+    # Accept-Encoding: identity says what the parser enforces: no encoded answer is read.
+    lines = [f"GET {origin.prefix}{target} HTTP/1.1", f"Host: {origin.host_header}",
+             "Accept-Encoding: identity"]
     for name, value in headers.items():
         if "\r" in value or "\n" in value:
             raise ValueError(f"header {name} holds a line break")
@@ -116,35 +127,60 @@ def request_bytes(origin: Origin, target: str, headers: dict[str, str]) -> bytes
 
 # -- the response parser ------------------------------------------------------------------
 
+# The response grammar of RFC 9112, as h11 writes it in h11/_abnf.py. Anything else is a
+# ProtocolError: a lenient parser lets a hostile exporter choose the framing.
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_VCHAR = rb"[\x21-\x7e\x80-\xff]"
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [\t \x21-\x7e\x80-\xff]*)?")
+# No whitespace before the colon; a line starting with SP/HT (obs-fold) has no name; CR, LF
+# and NUL are not field characters, so a bare CR or a NUL fails the match.
+_HEADER = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VCHAR + rb"+(?:[ \t]+" + _VCHAR
+                     + rb"+)*)?[ \t]*")
+_HTTP = b"HTTP/"
+
+
 class _Reader:
     """Parses one response from the bytes fed to it (sans I/O).
 
     `feed()` returns True once the answer is complete; `response` and `keep_alive` then say
-    what it was and whether the connection can carry another request.
+    what it was and whether the connection can carry another request. Every buffer is
+    bounded (MAX_HEAD for the head, the body cap for the body, MAX_CHUNK_LINE for chunk
+    framing), checked as bytes arrive, and the end of the head is searched only in the bytes
+    not yet searched, so a head fed one byte at a time costs linear time.
     """
 
-    __slots__ = ("body_cap", "buffer", "status", "started", "keep_alive", "response",
-                 "_mode", "_length", "_cap", "_body", "_encoding", "_chunk_left")
+    __slots__ = ("body_cap", "status", "started", "keep_alive", "response", "_buffer",
+                 "_scanned", "_interim", "_mode", "_length", "_cap", "_body", "_chunk_left")
 
     def __init__(self, body_cap: BodyCap) -> None:
         self.body_cap = body_cap
-        self.buffer = b""
         self.status = 0
         self.started = False  # any byte of an answer has arrived
         self.keep_alive = False
         self.response: Response | None = None
+        self._buffer = bytearray()  # the head (or chunk framing) not yet parsed
+        self._scanned = 0  # how far the buffer holds no end of head / of line
+        self._interim = 0
         self._mode = "head"
         self._body = bytearray()
 
     def feed(self, data: bytes) -> bool:
         self.started = True
+        if self.response is not None:
+            if data:  # bytes after a complete answer: the connection is not reusable
+                self.keep_alive = False
+            return True
         if self._mode == "head":
-            self.buffer = self.buffer + data if self.buffer else data
+            self._buffer += data
             if not self._head():
                 return False
             if self.response is not None:
+                if self._buffer:
+                    self.keep_alive = False
                 return True
-            data, self.buffer = self.buffer, b""
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            self._scanned = 0
         if self._mode == "length":
             return self._fixed(data)
         if self._mode == "eof":
@@ -167,66 +203,75 @@ class _Reader:
         raise BodyError("connection closed before the whole body arrived")
 
     def _head(self) -> bool:
+        """Parse the head once it is complete (interim 1xx answers skipped); False: wait."""
+        buffer = self._buffer
         while True:
-            end = self.buffer.find(b"\r\n\r\n")
+            if buffer[:5] != _HTTP[:len(buffer)]:
+                raise ProtocolError("answer does not start with HTTP/")
+            end = buffer.find(b"\r\n\r\n", self._scanned)
             if end < 0:
-                if len(self.buffer) > 65536:
-                    raise ProtocolError("answer headers larger than 64 KiB")
-                if self.buffer and not b"HTTP/"[:len(self.buffer)] == self.buffer[:5]:
-                    raise ProtocolError("answer does not start with HTTP/")
+                if len(buffer) > MAX_HEAD:
+                    raise ProtocolError(f"answer head larger than {MAX_HEAD} bytes")
+                self._scanned = max(0, len(buffer) - 3)
                 return False
-            head = self.buffer[:end].decode("latin-1")
-            self.buffer = self.buffer[end + 4:]
-            lines = head.split("\r\n")
-            version, _, rest = lines[0].partition(" ")
-            code = rest[:3]
-            if version not in ("HTTP/1.1", "HTTP/1.0") or not (code.isdigit() and
-                                                                code.isascii()):
+            if end > MAX_HEAD:
+                raise ProtocolError(f"answer head larger than {MAX_HEAD} bytes")
+            lines = bytes(buffer[:end]).split(b"\r\n")
+            del buffer[:end + 4]
+            self._scanned = 0
+            status_line = _STATUS_LINE.fullmatch(lines[0])
+            if status_line is None:
                 raise ProtocolError("malformed status line")
-            status = int(code)
-            if 100 <= status < 200 and status != 101:
-                continue  # an interim answer (100 Continue): the real one follows
-            break
+            status = int(status_line[2])
+            if status == 101:
+                raise ProtocolError("exporter switched protocols unasked")
+            if status >= 200:
+                break
+            self._interim += 1  # 100 Continue, 103 Early Hints: the real answer follows
+            if self._interim > MAX_INTERIM:
+                raise ProtocolError("too many interim (1xx) answers")
         self.status = status
-        length = chunked = None
-        encoding = ""
-        keep_alive = version == "HTTP/1.1"
+        length: int | None = None
+        chunked = False
+        keep_alive = status_line[1] == b"1"  # HTTP/1.0 is never kept alive (as h11)
         for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
+            header = _HEADER.fullmatch(line)
+            if header is None:
                 raise ProtocolError("malformed header line")
-            name = name.strip().lower()
-            if name == "content-length":
-                value = value.strip()
-                if not (value.isdigit() and value.isascii()) or (
+            name = header[1].lower()
+            value = header[2] or b""
+            if name == b"content-length":
+                if not value.isdigit() or len(value) > 18 or (
                         length is not None and int(value) != length):
                     raise ProtocolError("malformed Content-Length")
                 length = int(value)
-            elif name == "transfer-encoding":
-                chunked = value.strip().lower() == "chunked"
-                if not chunked:
-                    raise ProtocolError(f"unsupported Transfer-Encoding {value.strip()!r}")
-            elif name == "connection":
-                tokens = value.lower()
-                if "close" in tokens:
+            elif name == b"transfer-encoding":
+                if chunked or value.lower() != b"chunked":
+                    raise ProtocolError("unsupported Transfer-Encoding")
+                chunked = True
+            elif name == b"connection":
+                if b"close" in (t.strip() for t in value.lower().split(b",")):
                     keep_alive = False
-                elif "keep-alive" in tokens:
-                    keep_alive = True
-            elif name == "content-encoding":
-                encoding = value.strip().lower()
+            elif name == b"content-encoding" and value.lower() != b"identity":
+                # The client never asks for an encoding (Accept-Encoding: identity): an
+                # encoded answer is refused before its body is read, so no body is ever
+                # decoded, let alone one that inflates a thousandfold.
+                raise BodyError("exporter answered a Content-Encoding it was not asked for")
+        if chunked and length is not None:
+            raise ProtocolError("both Transfer-Encoding and Content-Length")
+        if chunked and not keep_alive and status_line[1] == b"0":
+            raise ProtocolError("chunked framing in an HTTP/1.0 answer")
         self.keep_alive = keep_alive
-        if encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):
-            raise BodyError(f"unsupported Content-Encoding {encoding!r}")
-        self._encoding = encoding if encoding not in ("", "identity") else None
+        if status in (204, 304):  # never a body, whatever the headers say
+            self._mode = "length"
+            self._finish(keep_alive)
+            return True
         cap = self.body_cap(status)
         if cap is None:  # the body is not wanted: the connection cannot be reused
             self._finish(keep_alive=False)
             return True
         self._cap = cap
-        if status in (204, 304):
-            self._mode = "length"
-            self._length = 0
-        elif chunked:
+        if chunked:
             self._mode = "chunked"
             self._chunk_left = -1
         elif length is not None:
@@ -235,12 +280,17 @@ class _Reader:
                 return True
             self._mode = "length"
             self._length = length
+            if length == 0:
+                self._finish(keep_alive)
         else:
             self._mode = "eof"
             self.keep_alive = False
         return True
 
     def _fixed(self, data: bytes) -> bool:
+        if self.response is not None:
+            self.keep_alive = self.keep_alive and not data
+            return True
         need = self._length - len(self._body)
         if len(data) > need:  # bytes after the answer: do not reuse the connection
             self.keep_alive = False
@@ -253,7 +303,8 @@ class _Reader:
     def _chunked(self, data: bytes) -> bool:
         # _chunk_left: > 0 bytes of chunk data still to come; -1 at a size line; -3 at the
         # CRLF after a chunk's data; -2 in the trailers after the last chunk.
-        buffer = self.buffer + data if self.buffer else data
+        buffer = self._buffer
+        buffer += data
         pos = 0
         while self.response is None:
             left = self._chunk_left
@@ -272,85 +323,195 @@ class _Reader:
                 pos += 2
                 self._chunk_left = -1
             elif left == -1:
-                end = buffer.find(b"\r\n", pos)
+                end = buffer.find(b"\r\n", max(pos, self._scanned))
                 if end < 0:
-                    if len(buffer) - pos > 1024:
+                    if len(buffer) - pos > MAX_CHUNK_LINE:
                         raise BodyError("malformed chunk size")
+                    self._scanned = max(pos, len(buffer) - 1)
                     break
-                size = buffer[pos:end].split(b";", 1)[0].strip()
-                if not size or not all(c in b"0123456789abcdefABCDEF" for c in size):
+                self._scanned = 0
+                size = bytes(buffer[pos:end]).split(b";", 1)[0].strip()
+                if not size or len(size) > 15 or not all(c in b"0123456789abcdefABCDEF"
+                                                         for c in size):
                     raise BodyError("malformed chunk size")
                 pos = end + 2
                 self._chunk_left = int(size, 16) or -2
             else:  # trailers: skip them up to the blank line
-                if buffer.startswith(b"\r\n", pos):
+                if buffer[pos:pos + 2] == b"\r\n":
                     pos += 2
                 else:
-                    end = buffer.find(b"\r\n\r\n", pos)
+                    end = buffer.find(b"\r\n\r\n", max(pos, self._scanned))
                     if end < 0:
-                        if len(buffer) - pos > 65536:
-                            raise BodyError("trailers larger than 64 KiB")
+                        if len(buffer) - pos > MAX_CHUNK_LINE:
+                            raise BodyError(f"trailers larger than {MAX_CHUNK_LINE} bytes")
+                        self._scanned = max(pos, len(buffer) - 3)
                         break
                     pos = end + 4
                 self._finish(self.keep_alive and pos == len(buffer))
-        self.buffer = buffer[pos:]
+        del buffer[:pos]
+        self._scanned = max(0, self._scanned - pos)
         return self.response is not None
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, data: bytes | bytearray) -> None:
         if self.response is not None:
             return
         self._body += data
-        if self._encoding is None and len(self._body) > self._cap:
+        if len(self._body) > self._cap:
             self._finish(keep_alive=False, too_large=True)
 
     def _finish(self, keep_alive: bool, too_large: bool = False) -> None:
         self.keep_alive = keep_alive
-        body = b""
-        if not too_large and self._mode != "head":
-            body = bytes(self._body)
-            if self._encoding is not None:
-                body, too_large = _decode(body, self._encoding, self._cap)
-                if too_large:
-                    body = b""
+        body = b"" if too_large else bytes(self._body)
+        self._body = bytearray()
         self.response = Response(self.status, body, too_large)
 
 
-def _decode(body: bytes, encoding: str, cap: int) -> tuple[bytes, bool]:
-    """A gzip or deflate body decoded, at most `cap` bytes; (b"", True) when larger."""
-    wbits = 31 if "gzip" in encoding else 15
+# -- the pool -------------------------------------------------------------------------------
+
+Conn = TypeVar("Conn")
+
+
+class Pool(Generic[Conn]):
+    """Idle keep-alive connections by origin, for both transports; thread-safe.
+
+    Bounded per origin and in total (a connection past either bound is closed, not kept).
+    A connection is handed out only when `usable(conn)` says so: one that became readable
+    while idle (closed by the exporter, or holding bytes nobody asked for) is closed, as
+    urllib3's is_connection_dropped does. `sweep()` closes those idle past `idle_seconds`;
+    the transports call it on a timer, so idle sockets go even if their origin is never
+    asked again.
+    """
+
+    def __init__(self, close: Callable[[Conn], None], usable: Callable[[Conn], bool], *,
+                 idle_seconds: float = IDLE_SECONDS, per_origin: int = MAX_IDLE_PER_ORIGIN,
+                 total: int = MAX_IDLE_TOTAL) -> None:
+        self.idle_seconds = idle_seconds
+        self.per_origin = per_origin
+        self.total = total
+        self._close = close
+        self._usable = usable
+        self._idle: dict[Origin, list[tuple[Conn, float]]] = {}
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def take(self, origin: Origin) -> Conn | None:
+        """An idle, usable connection to `origin` (the most recently used), or None."""
+        now = time.monotonic()
+        dead: list[Conn] = []
+        found: Conn | None = None
+        with self._lock:
+            idle = self._idle.get(origin)
+            while idle:
+                conn, since = idle.pop()
+                self._count -= 1
+                if now - since < self.idle_seconds and self._usable(conn):
+                    found = conn
+                    break
+                dead.append(conn)
+            if idle is not None and not idle:
+                del self._idle[origin]
+        for conn in dead:
+            self._close(conn)
+        return found
+
+    def put(self, origin: Origin, conn: Conn) -> bool:
+        """Keep `conn` idle for `origin`; False (and closed) when a bound is reached."""
+        with self._lock:
+            idle = self._idle.get(origin)
+            if self._count < self.total and (idle is None or len(idle) < self.per_origin):
+                if idle is None:
+                    idle = self._idle[origin] = []
+                idle.append((conn, time.monotonic()))
+                self._count += 1
+                return True
+        self._close(conn)
+        return False
+
+    def sweep(self) -> int:
+        """Close the connections idle too long or no longer usable; how many were closed."""
+        now = time.monotonic()
+        dead: list[Conn] = []
+        with self._lock:
+            for origin, idle in list(self._idle.items()):
+                keep = []
+                for conn, since in idle:
+                    if now - since < self.idle_seconds and self._usable(conn):
+                        keep.append((conn, since))
+                    else:
+                        dead.append(conn)
+                if keep:
+                    self._idle[origin] = keep
+                else:
+                    del self._idle[origin]
+            self._count -= len(dead)
+        for conn in dead:
+            self._close(conn)
+        return len(dead)
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [conn for idle in self._idle.values() for conn, _ in idle]
+            self._idle.clear()
+            self._count = 0
+        for conn in conns:
+            self._close(conn)
+
+
+def _readable(sock: socket.socket | Any) -> bool:
+    """True when `sock` has bytes (or an EOF) waiting: an idle connection must not have.
+
+    poll(), not select(): descriptors past 1023 are ordinary in a service that raises its
+    open-files limit.
+    """
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
     try:
-        inflater = zlib.decompressobj(wbits)
-        data = inflater.decompress(body, cap + 1)
-    except zlib.error:
-        if wbits == 15:  # some servers send raw deflate without the zlib wrapper
-            try:
-                inflater = zlib.decompressobj(-15)
-                data = inflater.decompress(body, cap + 1)
-            except zlib.error:
-                raise BodyError("malformed compressed body") from None
-        else:
-            raise BodyError("malformed compressed body") from None
-    if len(data) > cap:
-        return b"", True
-    return data, False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # closed meanwhile: fileno() is -1
+        return True
 
 
 # -- name resolution ------------------------------------------------------------------------
 
 class Resolver:
-    """Host names to addresses, cached for DNS_TTL seconds; IP addresses pass straight through."""
+    """Host names to addresses, cached for DNS_TTL seconds; IP addresses pass straight through.
 
-    def __init__(self) -> None:
+    A name that failed to resolve is remembered for NEGATIVE_TTL seconds, so a fleet listing
+    a dead name does not send a DNS query per exporter call. Both caches are bounded in
+    count; past the bound the expired entries go, then the oldest.
+    """
+
+    def __init__(self, max_names: int = MAX_NAMES, max_failed: int = MAX_FAILED_NAMES,
+                 negative_ttl: float = NEGATIVE_TTL) -> None:
+        self.max_names = max_names
+        self.max_failed = max_failed
+        self.negative_ttl = negative_ttl
         self._cache: dict[tuple[str, int], tuple[float, list[tuple]]] = {}
+        self._failed: dict[tuple[str, int], float] = {}
+
+    def __len__(self) -> int:
+        return len(self._cache) + len(self._failed)
 
     def cached(self, host: str, port: int) -> list[tuple] | None:
-        """The addresses (family, sockaddr) for `host`, or None when they must be looked up."""
+        """The addresses (family, sockaddr) for `host`, or None when they must be looked up.
+
+        Raises ResolveError while a recent lookup of `host` failed.
+        """
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
+            now = time.monotonic()
             entry = self._cache.get((host, port))
-            if entry is not None and entry[0] > time.monotonic():
+            if entry is not None and entry[0] > now:
                 return entry[1]
+            failed_until = self._failed.get((host, port))
+            if failed_until is not None and failed_until > now:
+                raise ResolveError(f"cannot resolve {host!r} (failed moments ago)") from None
             return None
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         return [(family, (host, port))]
@@ -363,14 +524,28 @@ class Resolver:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, port, type=socket.SOCK_STREAM)
         except OSError:
-            raise ResolveError(f"cannot resolve {host!r}") from None
+            infos = []
         addresses = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+        now = time.monotonic()
         if not addresses:
+            _bounded_put(self._failed, (host, port), now + self.negative_ttl,
+                         self.max_failed, now, lambda until: until)
             raise ResolveError(f"cannot resolve {host!r}")
-        if len(self._cache) > 100_000:
-            self._cache.clear()
-        self._cache[(host, port)] = (time.monotonic() + DNS_TTL, addresses)
+        self._failed.pop((host, port), None)
+        _bounded_put(self._cache, (host, port), (now + DNS_TTL, addresses), self.max_names,
+                     now, lambda entry: entry[0])
         return addresses
+
+
+def _bounded_put(cache: dict, key: Any, value: Any, bound: int, now: float,
+                 expiry: Callable[[Any], float]) -> None:
+    cache.pop(key, None)
+    if len(cache) >= bound:
+        for old in [k for k, v in cache.items() if expiry(v) <= now]:
+            del cache[old]
+        while len(cache) >= bound:  # dicts keep insertion order: the first is the oldest
+            del cache[next(iter(cache))]
+    cache[key] = value
 
 
 _TLS: ssl.SSLContext | None = None
@@ -393,12 +568,17 @@ class SyncClient:
     """
 
     def __init__(self, resolver: Resolver,
-                 resolve: Callable[[str, int, float], list[tuple]]) -> None:
+                 resolve: Callable[[str, int, float], list[tuple]], *,
+                 idle_seconds: float = IDLE_SECONDS, per_origin: int = MAX_IDLE_PER_ORIGIN,
+                 total: int = MAX_IDLE_TOTAL) -> None:
         self._resolver = resolver
         self._resolve = resolve
-        self._idle: dict[Origin, list[tuple[socket.socket, float]]] = {}
-        self._lock = threading.Lock()
-        self._swept = time.monotonic()
+        self.pool: Pool[socket.socket] = Pool(
+            _close_socket, lambda sock: not _readable(sock), idle_seconds=idle_seconds,
+            per_origin=per_origin, total=total)
+        self._sweeper: threading.Thread | None = None
+        self._sweeper_lock = threading.Lock()
+        self._closing = threading.Event()
 
     def get(self, origin: Origin, request: bytes, until: float, body_cap: BodyCap) -> Response:
         """Send `request` (from `request_bytes`) and read the answer by `until` (monotonic)."""
@@ -476,40 +656,37 @@ class SyncClient:
         raise ConnectError(error)
 
     def _take(self, origin: Origin) -> socket.socket | None:
-        now = time.monotonic()
-        with self._lock:
-            idle = self._idle.get(origin)
-            while idle:
-                sock, since = idle.pop()
-                if now - since < IDLE_SECONDS:
-                    return sock
-                sock.close()
-        return None
+        return self.pool.take(origin)
 
     def _put(self, origin: Origin, sock: socket.socket) -> None:
-        now = time.monotonic()
-        with self._lock:
-            idle = self._idle.setdefault(origin, [])
-            if len(idle) < MAX_IDLE_PER_ORIGIN:
-                idle.append((sock, now))
-                sock = None  # type: ignore[assignment]
-            if now - self._swept > IDLE_SECONDS:
-                self._swept = now
-                for key, conns in list(self._idle.items()):
-                    for old in [c for c in conns if now - c[1] >= IDLE_SECONDS]:
-                        conns.remove(old)
-                        old[0].close()
-                    if not conns:
-                        del self._idle[key]
-        if sock is not None:
-            sock.close()
+        if self._closing.is_set() or not self.pool.put(origin, sock):
+            return
+        with self._sweeper_lock:
+            if self._sweeper is None:
+                self._sweeper = threading.Thread(target=self._sweep, name="httpclient-sweep",
+                                                 daemon=True)
+                self._sweeper.start()
+
+    def _sweep(self) -> None:
+        # Runs while connections are idle; ends when none are left (a put starts it again).
+        while not self._closing.wait(self.pool.idle_seconds / 2):
+            self.pool.sweep()
+            with self._sweeper_lock:
+                if not len(self.pool):
+                    self._sweeper = None
+                    return
 
     def close(self) -> None:
-        with self._lock:
-            for conns in self._idle.values():
-                for sock, _ in conns:
-                    sock.close()
-            self._idle.clear()
+        self._closing.set()
+        with self._sweeper_lock:
+            sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.join(timeout=5)
+        self.pool.close()
+
+
+def _close_socket(sock: socket.socket) -> None:
+    sock.close()
 
 
 class _Stale(Exception):
@@ -534,15 +711,21 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.idle_since = 0.0
+        self.sock: Any = None
         self._reader: _Reader | None = None
         self._waiter: asyncio.Future | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
+        self.sock = sock
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def usable(self) -> bool:
+        """Still open and silent: the loop may not have run data_received for bytes that
+        arrived while idle, so the socket itself is asked (with a 0 timeout)."""
+        return not self.closed and (self.sock is None or not _readable(self.sock))
 
     def request(self, data: bytes, body_cap: BodyCap) -> asyncio.Future:
         self._reader = _Reader(body_cap)
@@ -605,10 +788,13 @@ class _Connection(asyncio.Protocol):
 class AsyncClient:
     """Keep-alive calls on one event loop; callers bound the time (asyncio.timeout)."""
 
-    def __init__(self, resolver: Resolver) -> None:
+    def __init__(self, resolver: Resolver, *, idle_seconds: float = IDLE_SECONDS,
+                 per_origin: int = MAX_IDLE_PER_ORIGIN, total: int = MAX_IDLE_TOTAL) -> None:
         self._resolver = resolver
-        self._idle: dict[Origin, list[_Connection]] = {}
-        self._swept = time.monotonic()
+        self.pool: Pool[_Connection] = Pool(
+            _Connection.close, _Connection.usable, idle_seconds=idle_seconds,
+            per_origin=per_origin, total=total)
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def get(self, origin: Origin, request: bytes, body_cap: BodyCap) -> Response:
         conn = self._take(origin)
@@ -651,37 +837,23 @@ class AsyncClient:
         raise ConnectError(error)
 
     def _take(self, origin: Origin) -> _Connection | None:
-        idle = self._idle.get(origin)
-        now = time.monotonic()
-        while idle:
-            conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < IDLE_SECONDS:
-                return conn
-            conn.close()
-        return None
+        return self.pool.take(origin)
 
     def _put(self, origin: Origin, conn: _Connection) -> None:
-        now = time.monotonic()
-        conn.idle_since = now
-        idle = self._idle.setdefault(origin, [])
-        if len(idle) < MAX_IDLE_PER_ORIGIN:
-            idle.append(conn)
-        else:
-            conn.close()
-        if now - self._swept > IDLE_SECONDS:
-            self._swept = now
-            for key, conns in list(self._idle.items()):
-                keep = [c for c in conns if not c.closed and now - c.idle_since < IDLE_SECONDS]
-                for old in conns:
-                    if old not in keep:
-                        old.close()
-                if keep:
-                    self._idle[key] = keep
-                else:
-                    del self._idle[key]
+        if self.pool.put(origin, conn) and self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self.pool.idle_seconds / 2, self._sweep)
+
+    def _sweep(self) -> None:
+        # Runs on the loop while connections are idle; a put starts it again.
+        self.pool.sweep()
+        self._sweeper = None
+        if len(self.pool):
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self.pool.idle_seconds / 2, self._sweep)
 
     def close(self) -> None:
-        for conns in self._idle.values():
-            for conn in conns:
-                conn.close()
-        self._idle.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self.pool.close()
