@@ -25,6 +25,7 @@ setup(
             "ruff==0.17.6",  # pinned: `make test` lints, and new rules must not break CI
             "requests>=2.31",
             "aiohttp>=3.9,<4",  # the tests' fake exporters
+            "h11>=0.14,<1",  # only for bench_query_fanout.py --h11, the parser comparison
             # Pinned so the fixed-seed contract fuzzing sends the same cases every run.
             "schemathesis==4.32.5",
             "hypothesis==6.170.17",
