@@ -15,13 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.collector import (
-    ERROR_KINDS,
-    MAX_TOP_N,
-    MetricsOptions,
-    ProcessCollector,
-    parse_metrics_options,
-)
+from exporter.collector import ERROR_KINDS, ProcessCollector
+from exporter.config import MAX_TOP_N, MetricsOptions, parse_metrics_options
 from exporter.groups import parse_groups
 from exporter.procs import UserNames, make_reader
 from procfleet.configcheck import Problems
