@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from exporter.groups import DEFAULT_GROUPS, GroupMatcher, name_process, parse_groups
-from exporter.procs import ProcessGone, UserNames, make_reader
+from exporter.procs import ProcessError, UserNames, make_reader
 from procfleet.configcheck import Problems
 
 SLEEP = "/bin/sleep"
@@ -224,7 +224,7 @@ def test_default_groups_name_every_process_by_comm(spawner: Spawner, reader) -> 
     for pid in reader.pids():
         try:
             sample = reader.sample(pid, cmdline=True)
-        except ProcessGone:
+        except ProcessError:
             continue
         assert name_process(DEFAULT_GROUPS, sample) == sample.comm
         named += 1
