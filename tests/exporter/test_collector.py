@@ -408,3 +408,40 @@ def test_options_parse() -> None:
                                      per_process_by="memory", per_process_groups=("nginx",),
                                      smaps=True, children=False)
     assert parse_metrics_options(None, problems) == MetricsOptions()
+
+
+# -- smaps and kernel threads ------------------------------------------------------------
+
+def _counted_pids(values) -> set[int]:
+    return {int(dict(labels)["pid"]) for name, labels in values
+            if name == "procfleet_process_resident_memory_bytes"}
+
+
+@pytest.mark.parametrize("reader", ["procfs", "psutil"])
+def test_smaps_counts_kernel_threads_as_psutil_sees_them(reader: str) -> None:
+    # Kernel threads answer ESRCH for /proc/PID/smaps_rollup while they run; smaps used to
+    # drop them as vanished (94 -> 35 processes). psutil reports them with PSS 0.
+    def processes() -> dict[int, int]:
+        return {p.pid: p.info["ppid"] for p in psutil.process_iter(["ppid"])}
+
+    before = processes()
+    kernel = {pid for pid, ppid in before.items() if pid == 2 or ppid == 2}
+    assert 2 in kernel and len(kernel) > 1, "this test needs kthreadd and its threads"
+    assert len(before) < MAX_TOP_N, "every process must fit in the per-process series"
+    assert psutil.Process(2).memory_full_info().pss == 0
+
+    # Default groups (one per comm) take every process, and each gets a per-process series:
+    # the pids counted are visible in the output.
+    exporter = Exporter(reader=reader, smaps=True, per_process_top_n=MAX_TOP_N)
+    values = exporter.scrape()
+    after = processes()
+    counted = _counted_pids(values)
+    # Processes alive before and after the scrape were alive during it (churn aside).
+    stable = set(before) & set(after)
+    stable = {pid for pid in stable if before[pid] == after[pid]}
+    missing = stable - counted
+    assert missing == set(), f"not counted: {sorted(missing)[:20]} of {len(stable)}"
+    assert kernel & stable <= counted
+    assert value(values, G + "num_procs", groupname="kthreadd") == 1
+    assert value(values, G + "memory_bytes", groupname="kthreadd",
+                 memtype="proportionalResident") == 0
