@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,59 +19,21 @@ from exporter.config import MAX_TOP_N, MetricsOptions, parse_metrics_options
 from exporter.groups import parse_groups
 from exporter.procs import UserNames, make_reader
 from procfleet.configcheck import Problems
+from procfleet.testing import NamedChildren, wait_for_comm
 
 G = "namedprocess_namegroup_"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
 
-class Spawner:
-    """Children under a distinctive comm (a symlink's name); always reaped."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.tag = "pf" + uuid.uuid4().hex[:6]
-        self.children: list[subprocess.Popen[bytes]] = []
-
-    def comm(self, suffix: str) -> str:
-        return f"{self.tag}-{suffix}"[:15]
+class Spawner(NamedChildren):
+    """Shells under a distinctive comm, by default blocked reading stdin."""
 
     def spawn(self, suffix: str, script: str = "read _") -> subprocess.Popen[bytes]:
-        """A shell running `script` (by default blocked reading stdin) as comm tag-suffix."""
-        comm = self.comm(suffix)
-        link = self.tmp / comm
-        if not link.exists():
-            link.symlink_to("/bin/sh")
-        child = subprocess.Popen([str(link), "-c", script], stdin=subprocess.PIPE,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.children.append(child)
-        _wait_for(child.pid, comm, settled=script == "read _")
-        return child
+        # Blocked on stdin it sleeps: done loading, its memory stable.
+        return self.start(suffix, "/bin/sh", "-c", script, settled=script == "read _")
 
     def busy(self, suffix: str) -> subprocess.Popen[bytes]:
         return self.spawn(suffix, "while :; do :; done")
-
-    def reap(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.kill()
-            child.wait(timeout=10)
-            if child.stdin:
-                child.stdin.close()
-
-
-def _wait_for(pid: int, comm: str, deadline: float = 5.0, settled: bool = False) -> None:
-    """Until the child has exec'd (and, if `settled`, sleeps: done loading, stable memory)."""
-    until = time.monotonic() + deadline
-    while time.monotonic() < until:
-        try:
-            proc = psutil.Process(pid)
-            if proc.cmdline() and proc.name() == comm and (
-                    not settled or proc.status() == psutil.STATUS_SLEEPING):
-                return
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            pass
-        time.sleep(0.005)
-    raise AssertionError(f"pid {pid} never showed comm {comm!r}")
 
 
 def kill(child: subprocess.Popen[bytes]) -> None:
@@ -270,7 +231,7 @@ def test_unmatched_children_join_their_parents_group(spawner: Spawner) -> None:
     while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
         time.sleep(0.01)
     (child,) = psutil.Process(parent.pid).children()
-    _wait_for(child.pid, "sleep")
+    wait_for_comm(child.pid, "sleep")
     config = [{"comm": [parent_comm], "name": "parent-group-" + spawner.tag}]
     on = Exporter(config).scrape()
     off = Exporter(config, children=False).scrape()
@@ -295,7 +256,7 @@ def test_group_membership_is_decided_once_per_incarnation(spawner: Spawner) -> N
     assert value(exporter.scrape(), G + "num_procs", groupname=group) == 1
     child.stdin.write(b"\n")  # the shell now execs sleep: same pid, new comm and cmdline
     child.stdin.flush()
-    _wait_for(child.pid, "sleep")
+    wait_for_comm(child.pid, "sleep")
     values = exporter.scrape()
     assert value(values, G + "num_procs", groupname=group) == 1
 
