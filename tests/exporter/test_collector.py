@@ -19,7 +19,7 @@ from exporter.config import MAX_TOP_N, MetricsOptions, parse_metrics_options
 from exporter.groups import parse_groups
 from exporter.procs import UserNames, make_reader
 from procfleet.configcheck import Problems
-from procfleet.testing import NamedChildren, wait_for_comm
+from procfleet.testing import NamedChildren, wait_for_comm, wait_until
 
 G = "namedprocess_namegroup_"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -265,14 +265,17 @@ def test_group_membership_is_decided_once_per_incarnation(spawner: Spawner) -> N
 
 def test_top_n_by_cpu_shows_the_busy_process(spawner: Spawner) -> None:
     busy = spawner.busy("hot")
-    exporter = Exporter(per_process_top_n=5, per_process_by="cpu")
+    exporter = Exporter(per_process_top_n=10, per_process_by="cpu")
     exporter.scrape()
-    time.sleep(0.5)
+    # Until the child has used CPU enough to rank on a loaded 2-core host: between two
+    # scrapes, 10 others can each use more only if the window is far longer.
+    start = cpu_of(busy)
+    wait_until(lambda: cpu_of(busy) - start >= 0.3, timeout=20, what="the child to spin")
     values = exporter.scrape()
     per_process = {labels for name, labels in values if name.startswith("procfleet_process_")}
     pids = {dict(labels)["pid"] for labels in per_process}
     assert str(busy.pid) in pids  # other busy processes on this host may rank too
-    assert len(pids) == 5
+    assert len(pids) == 10
     user = value(values, "procfleet_process_cpu_seconds_total",
                  groupname=spawner.comm("hot"), pid=str(busy.pid), mode="user")
     assert user is not None and user > 0

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import falcon.testing
+import psutil
 import pytest
 from fakeproc import BOOT_TIME, FakeProc, FakeProcess
 from prometheus_client import CollectorRegistry, generate_latest
@@ -136,6 +137,21 @@ def test_wrap_exceptions_translates_only_gone_and_denied(code: int, raised: type
     else:
         assert not isinstance(caught.value, ProcessError)
         assert caught.value.errno == code
+
+
+@pytest.mark.parametrize("error, raised", [
+    (psutil.NoSuchProcess(42), ProcessGone),
+    (psutil.ZombieProcess(42), ProcessGone),
+    (psutil.AccessDenied(42), ProcessDenied),
+])
+def test_wrap_exceptions_translates_psutils_errors_alike(error: Exception, raised: type) -> None:
+    class Source:
+        @wrap_exceptions
+        def read(self, pid: int) -> bytes:
+            raise error
+
+    with pytest.raises(raised):
+        Source().read(42)
 
 
 def test_wrap_exceptions_catches_nothing_but_os_errors() -> None:
