@@ -77,7 +77,8 @@ def in_process(scrapes: int) -> dict[str, float]:
     """collect() and generate_latest timed separately in this process, as a breakdown."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from exporter.collector import MetricsOptions, ProcessCollector
+    from exporter.collector import ProcessCollector
+    from exporter.config import MetricsOptions
     from exporter.groups import parse_groups
     from exporter.procs import UserNames, make_reader
     from procfleet.configcheck import Problems

@@ -15,7 +15,7 @@ from prometheus_client.exposition import choose_encoder
 from exporter.collector import ProcessCollector
 from exporter.config import Config
 from exporter.lookup import ListQuery, ProcessLookup
-from exporter.procs import ProcessGone, Reader, UserNames, make_reader
+from exporter.procs import ProcessError, Reader, UserNames, make_reader
 from procfleet import __version__
 from procfleet.web import (
     FILTER_MAX_LENGTH,
@@ -79,7 +79,7 @@ class ProcessResource:
         number = pid_or_400(pid)
         try:
             info = self._lookup.get(number)
-        except ProcessGone:
+        except ProcessError:  # denied answers as gone: a pid we may not read is not shown
             raise falcon.HTTPNotFound(
                 title="process not found", description=f"no process with pid {number}"
             ) from None

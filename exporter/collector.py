@@ -29,20 +29,14 @@ import heapq
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from exporter.config import MetricsOptions
 from exporter.groups import GroupMatcher, name_process
 from exporter.procs import ProcessDenied, ProcessGone, Reader, Sample
-from procfleet.configcheck import Problems
 
-MAX_TOP_N = 1000
-_PER_PROCESS_BY = ("cpu", "memory")
-_OPTION_KEYS = {"drop_empty_groups", "per_process_top_n", "per_process_by",
-                "per_process_groups", "smaps", "children"}
 ERROR_KINDS = ("vanished", "denied", "partial", "other")
 
 # process-exporter's five state buckets, from the one-letter state in /proc/PID/stat.
@@ -55,55 +49,6 @@ _UTIME, _STIME, _READ, _WRITE, _MAJFLT, _MINFLT, _VCTX, _NVCTX = range(8)
 (_G_PROCS, _G_RSS, _G_VIRT, _G_SWAP, _G_FDS, _G_FD_RATIO, _G_OLDEST, _G_THREADS,
  _G_PSS, _G_SWAP_PSS, _G_STATES) = range(11)
 _GAUGE_SLOTS = _G_STATES + len(_STATE_NAMES)
-
-
-@dataclass(frozen=True)
-class MetricsOptions:
-    """What /metrics exposes beyond the group metrics (the `metrics:` config section).
-
-    `per_process_top_n` and `per_process_groups` add series with a `pid` label: one per
-    process, so keep them small; they churn as processes come and go.
-    """
-
-    drop_empty_groups: bool = False  # process-exporter's -remove-empty-groups
-    per_process_top_n: int = 0  # 0 = off
-    per_process_by: str = "cpu"  # "cpu" (used since the last scrape) or "memory" (resident)
-    per_process_groups: tuple[str, ...] = ()  # every process of these groups
-    smaps: bool = False  # proportional memory from smaps_rollup: costly, off by default
-    children: bool = True  # process-exporter's -children: unmatched children join the parent
-
-
-def parse_metrics_options(raw: Any, problems: Problems, path: str = "metrics") -> MetricsOptions:
-    """Validate the `metrics:` mapping; unknown keys and wrong types are problems by key path."""
-    data = problems.mapping(raw, path)
-    problems.unknown_keys(data, _OPTION_KEYS, path)
-    defaults = MetricsOptions()
-    top_n = problems.typed(data, "per_process_top_n", int, defaults.per_process_top_n, path)
-    if not 0 <= top_n <= MAX_TOP_N:
-        problems.add(f"{path}.per_process_top_n", f"must be between 0 and {MAX_TOP_N}, "
-                     f"got {top_n} (each process is its own series)")
-        top_n = 0
-    by = problems.typed(data, "per_process_by", str, defaults.per_process_by, path)
-    if by not in _PER_PROCESS_BY:
-        problems.add(f"{path}.per_process_by",
-                     f"must be one of {', '.join(_PER_PROCESS_BY)}, got {by!r}")
-        by = defaults.per_process_by
-    names = problems.typed(data, "per_process_groups", list, [], path)
-    groups = []
-    for i, name in enumerate(names):
-        if isinstance(name, str) and name:
-            groups.append(name)
-        else:
-            problems.add(f"{path}.per_process_groups[{i}]",
-                         f"must be a group name, got {name!r}")
-    return MetricsOptions(
-        drop_empty_groups=problems.typed(data, "drop_empty_groups", bool, False, path),
-        per_process_top_n=top_n,
-        per_process_by=by,
-        per_process_groups=tuple(groups),
-        smaps=problems.typed(data, "smaps", bool, False, path),
-        children=problems.typed(data, "children", bool, True, path),
-    )
 
 
 _Pss = tuple[int | None, int | None] | None  # (PSS, swap PSS) bytes, when smaps is on
@@ -130,8 +75,12 @@ class ProcessCollector(Collector):
 
     def __init__(self, reader: Reader, groups: tuple[GroupMatcher, ...],
                  options: MetricsOptions, *, version: str,
-                 user_name: Callable[[int], str]) -> None:
+                 user_name: Callable[[int], str],
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        """`reader` is where processes come from (a ProcfsReader over scripted /proc files
+        in tests); `clock` times the scrape for procfleet_scrape_duration_seconds."""
         self._reader = reader
+        self._clock = clock
         self._groups = groups
         self._options = options
         self._version = version
@@ -155,7 +104,7 @@ class ProcessCollector(Collector):
     # -- one scrape ------------------------------------------------------------------------
 
     def _scrape(self) -> list[Metric]:
-        started = time.perf_counter()
+        started = self._clock()
         reader, options, errors = self._reader, self._options, self._errors
         known = self._known
         first = self._scrapes == 0
@@ -178,13 +127,14 @@ class ProcessCollector(Collector):
                     sample = reader.sample(pid, cmdline=True, detail=True)
                 pss = (reader.proportional_memory(pid)
                        if smaps and detail else None)
-            except (ProcessDenied, PermissionError):
+            except ProcessDenied:
                 errors["denied"] += 1
                 continue
             except ProcessGone:
                 errors["vanished"] += 1
                 continue
             except (OSError, ValueError, IndexError):
+                # An errno /proc should not give, or a file that does not parse.
                 errors["other"] += 1
                 continue
             if inc is None:
@@ -213,7 +163,7 @@ class ProcessCollector(Collector):
         reader.forget({(pid, inc.start) for pid, inc in fresh.items()})
         self._scrapes += 1
         families = self._families(gauges, per_process or [])
-        families.scrape_duration.add_metric([], time.perf_counter() - started)
+        families.scrape_duration.add_metric([], self._clock() - started)
         return families.all()
 
     def _add(self, gauges: dict[str, list[float]], inc: _Incarnation, sample: Sample,
@@ -456,5 +406,4 @@ class _Families:
         return families
 
 
-__all__ = ["ERROR_KINDS", "MAX_TOP_N", "MetricsOptions", "ProcessCollector",
-           "parse_metrics_options"]
+__all__ = ["ERROR_KINDS", "ProcessCollector"]

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from exporter.collector import MetricsOptions, parse_metrics_options
 from exporter.groups import GroupMatcher, parse_groups
 from exporter.masking import DEFAULT_PATTERNS, DEFAULT_SECRET_FLAGS, Masker, check_pattern
 from procfleet.configcheck import ConfigError, Problems, read_yaml
@@ -18,6 +17,60 @@ DEFAULT_LISTEN = "127.0.0.1:9256"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+
+MAX_TOP_N = 1000
+_PER_PROCESS_BY = ("cpu", "memory")
+_METRICS_KEYS = {"drop_empty_groups", "per_process_top_n", "per_process_by",
+                 "per_process_groups", "smaps", "children"}
+
+
+@dataclass(frozen=True)
+class MetricsOptions:
+    """What /metrics exposes beyond the group metrics (the `metrics:` config section).
+
+    `per_process_top_n` and `per_process_groups` add series with a `pid` label: one per
+    process, so keep them small; they churn as processes come and go.
+    """
+
+    drop_empty_groups: bool = False  # process-exporter's -remove-empty-groups
+    per_process_top_n: int = 0  # 0 = off
+    per_process_by: str = "cpu"  # "cpu" (used since the last scrape) or "memory" (resident)
+    per_process_groups: tuple[str, ...] = ()  # every process of these groups
+    smaps: bool = False  # proportional memory from smaps_rollup: costly, off by default
+    children: bool = True  # process-exporter's -children: unmatched children join the parent
+
+
+def parse_metrics_options(raw: Any, problems: Problems, path: str = "metrics") -> MetricsOptions:
+    """Validate the `metrics:` mapping; unknown keys and wrong types are problems by key path."""
+    data = problems.mapping(raw, path)
+    problems.unknown_keys(data, _METRICS_KEYS, path)
+    defaults = MetricsOptions()
+    top_n = problems.typed(data, "per_process_top_n", int, defaults.per_process_top_n, path)
+    if not 0 <= top_n <= MAX_TOP_N:
+        problems.add(f"{path}.per_process_top_n", f"must be between 0 and {MAX_TOP_N}, "
+                     f"got {top_n} (each process is its own series)")
+        top_n = 0
+    by = problems.typed(data, "per_process_by", str, defaults.per_process_by, path)
+    if by not in _PER_PROCESS_BY:
+        problems.add(f"{path}.per_process_by",
+                     f"must be one of {', '.join(_PER_PROCESS_BY)}, got {by!r}")
+        by = defaults.per_process_by
+    names = problems.typed(data, "per_process_groups", list, [], path)
+    groups = []
+    for i, name in enumerate(names):
+        if isinstance(name, str) and name:
+            groups.append(name)
+        else:
+            problems.add(f"{path}.per_process_groups[{i}]",
+                         f"must be a group name, got {name!r}")
+    return MetricsOptions(
+        drop_empty_groups=problems.typed(data, "drop_empty_groups", bool, False, path),
+        per_process_top_n=top_n,
+        per_process_by=by,
+        per_process_groups=tuple(groups),
+        smaps=problems.typed(data, "smaps", bool, False, path),
+        children=problems.typed(data, "children", bool, True, path),
+    )
 
 
 @dataclass(frozen=True)
@@ -155,5 +208,5 @@ def _regex_list(data: Any, key: str, problems: Problems, *, value_group: bool) -
     return good
 
 
-__all__ = ["AuthConfig", "Config", "ConfigError", "DEFAULT_LISTEN", "from_mapping", "load",
-           "valid_hostname"]
+__all__ = ["AuthConfig", "Config", "ConfigError", "DEFAULT_LISTEN", "MAX_TOP_N", "MetricsOptions",
+           "from_mapping", "load", "parse_metrics_options", "valid_hostname"]

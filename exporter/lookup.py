@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from exporter.procs import ProcessGone, ProcessInfo, Reader, UserNames, to_info
+from exporter.procs import ProcessError, ProcessInfo, Reader, UserNames, to_info
 
 SORT_ORDER: dict[str, Callable[[ProcessInfo], float]] = {
     "cpu": lambda p: p.cpu_percent or 0.0,
@@ -38,7 +38,7 @@ class ProcessLookup:
         self.user_names = user_names or UserNames()
 
     def get(self, pid: int) -> ProcessInfo:
-        """The process with this pid; ProcessGone when there is none."""
+        """The process with this pid; ProcessGone when there is none, ProcessDenied."""
         sample = self.reader.lookup(pid)
         return to_info(sample, system=self.reader.system, user_name=self.user_names,
                        mask=self.mask)
@@ -50,7 +50,7 @@ class ProcessLookup:
         for pid in self.reader.pids():
             try:
                 sample = self.reader.sample(pid)
-            except ProcessGone:
+            except ProcessError:  # gone since listed, or not ours to read
                 continue
             info = to_info(sample, system=self.reader.system, user_name=self.user_names,
                            mask=self.mask, now=now)

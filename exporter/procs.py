@@ -9,18 +9,21 @@ are both derived, so the two cannot drift.
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import pwd
 import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import psutil
 
-from procfleet.web import rfc3339
+from procfleet.timefmt import rfc3339
 
 # The state vocabulary of the API this service replaces (gopsutil's words).
 STATE_WORDS = {
@@ -56,16 +59,70 @@ _PSUTIL_STATUS_CHAR = {
 _COMM_LEN = 15
 
 
-class ProcessGone(Exception):
+class ProcessError(Exception):
+    """A process could not be read: the common base of ProcessGone and ProcessDenied."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(pid)
+        self.pid = pid
+
+
+class ProcessGone(ProcessError):
     """The process does not exist (or exited while it was being read)."""
 
 
-class ProcessDenied(ProcessGone):
+class ProcessDenied(ProcessError):
     """The process exists but may not be read (hidepid, another user's on BSD/macOS).
 
-    A subclass of ProcessGone because a lookup answers both the same way (not found);
-    the collector counts them apart.
+    A sibling of ProcessGone, not a kind of it: the collector counts the two apart, and
+    whoever answers both alike (a lookup says "not found") says so where it catches them.
     """
+
+
+_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESRCH})
+_DENIED_ERRNOS = frozenset({errno.EPERM, errno.EACCES})
+
+_R = TypeVar("_R")
+_S = TypeVar("_S")
+_P = ParamSpec("_P")
+
+
+def wrap_exceptions(
+    read: Callable[Concatenate[_S, int, _P], _R],
+) -> Callable[Concatenate[_S, int, _P], _R]:
+    """The one place where errors of reading a process become ProcessGone or ProcessDenied.
+
+    For reader methods whose first argument is the pid, as psutil's `wrap_exceptions` in
+    psutil/_pslinux.py: ENOENT and ESRCH mean gone, EPERM and EACCES denied. Only OSError
+    (and psutil's own two, for PsutilReader) is caught; any other errno passes unchanged,
+    so a surprise is counted as such instead of hiding as a vanished process.
+    """
+
+    @functools.wraps(read)
+    def wrapper(self: _S, pid: int, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return read(self, pid, *args, **kwargs)
+        except (OSError, psutil.Error) as exc:
+            error = translate(exc, pid)
+            if error is exc:
+                raise
+            raise error from exc
+
+    return wrapper
+
+
+def translate(exc: Exception, pid: int) -> Exception:
+    """What `exc`, met while reading process `pid`, means: gone, denied, or itself."""
+    if isinstance(exc, OSError):
+        if exc.errno in _GONE_ERRNOS:
+            return ProcessGone(pid)
+        if exc.errno in _DENIED_ERRNOS:
+            return ProcessDenied(pid)
+    elif isinstance(exc, psutil.NoSuchProcess):  # ZombieProcess included, as before
+        return ProcessGone(pid)
+    elif isinstance(exc, psutil.AccessDenied):
+        return ProcessDenied(pid)
+    return exc
 
 
 @dataclass(slots=True)
@@ -131,10 +188,16 @@ class SystemFacts:
     change while the host is up.
     """
 
-    def __init__(self) -> None:
-        self.clock_ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.page_size = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.boot_time = psutil.boot_time()
+    def __init__(self, *, clock_ticks: int | None = None, page_size: int | None = None,
+                 boot_time: float | None = None) -> None:
+        # The keywords pin what a scripted /proc (tests' FakeProc) was written against.
+        if clock_ticks is None:
+            clock_ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        if page_size is None:
+            page_size = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.clock_ticks = clock_ticks
+        self.page_size = page_size
+        self.boot_time = psutil.boot_time() if boot_time is None else boot_time
         self._total_memory = psutil.virtual_memory().total
         self._memory_read_at = time.monotonic()
         self._lock = threading.Lock()
@@ -259,70 +322,44 @@ def _status_int(status: bytes, key: bytes) -> int | None:
     return int(fields[0]) if fields else None
 
 
-class ProcfsReader:
-    """Reads Linux /proc directly: stat, status, cmdline and, for metrics, io, fd, limits."""
+class ProcFiles(Protocol):
+    """Where ProcfsReader gets /proc's files: the kernel's (ProcDir) or a test's script.
 
-    def __init__(self, proc_root: str = "/proc", system: SystemFacts | None = None) -> None:
-        self.root = proc_root
-        self.system = system or SystemFacts()
-        # max open files rarely changes; cache it per process incarnation.
-        self._max_fds: dict[tuple[int, int], int | None] = {}
+    Methods fail as /proc does, with OSError and its errno (ENOENT, ESRCH, EACCES, ...);
+    ProcfsReader translates them.
+    """
+
+    def pids(self) -> list[int]: ...
+
+    def read(self, pid: int, name: str) -> bytes:
+        """The content of /proc/PID/NAME."""
+        ...
+
+    def count_fds(self, pid: int) -> int:
+        """The number of entries in /proc/PID/fd."""
+        ...
+
+    def exists(self, pid: int) -> bool:
+        """Whether /proc/PID is there."""
+        ...
+
+
+class ProcDir:
+    """The kernel's /proc (or a procfs mounted elsewhere)."""
+
+    def __init__(self, root: str = "/proc") -> None:
+        self.root = root
         # Linux >= 6.2 reports the number of open fds as the size of /proc/PID/fd: one
         # stat() instead of listing the directory.
-        self._fds_by_stat = _stat_counts_fds(proc_root)
-
-        # Lookups keep the /proc files of recently asked pids open and re-read them with
-        # pread: a third of the system calls, and each call is a GIL hand-off between
-        # request threads. Per thread, so no fd is ever closed under another reader.
-        self._held = threading.local()
+        self._fds_by_stat = _stat_counts_fds(root)
 
     def pids(self) -> list[int]:
         return [int(d) for d in os.listdir(self.root) if d.isdigit()]
 
-    def lookup(self, pid: int) -> Sample:
-        """sample(pid) for repeated lookups: the pid's files stay open between calls.
-
-        An open /proc/PID file belongs to one process incarnation: once that process is
-        gone, reads fail with ESRCH even if the pid has been reused, so a held file never
-        shows another process. Then the files are dropped and the pid is read afresh.
-        """
-        held: OrderedDict[int, tuple[int, ...]] | None = getattr(self._held, "fds", None)
-        if held is None:
-            held = self._held.fds = OrderedDict()
-        fds = held.pop(pid, None)
-        if fds is not None:
-            try:
-                sample = self._parse(pid, *(_pread(fd) for fd in fds))
-            except BaseException:
-                _close_all(fds)
-                # Gone, or a thread id: fall through to a fresh read, which says which.
-            else:
-                held[pid] = fds
-                return sample
-        base = f"{self.root}/{pid}/"
-        opened: list[int] = []
-        try:
-            for name in ("stat", "status", "cmdline"):
-                opened.append(os.open(base + name, os.O_RDONLY))
-            sample = self._parse(pid, *(_pread(fd) for fd in opened))
-        except PermissionError:
-            _close_all(opened)
-            return self.sample(pid)  # some files unreadable: the path that tolerates it
-        except (FileNotFoundError, ProcessLookupError):
-            _close_all(opened)
-            raise ProcessGone(pid) from None
-        except BaseException:
-            _close_all(opened)
-            raise
-        held[pid] = tuple(opened)
-        while len(held) > _HELD_PIDS:
-            _close_all(held.popitem(last=False)[1])
-        return sample
-
-    def _read(self, path: str) -> bytes:
+    def read(self, pid: int, name: str) -> bytes:
         # os.read into a small buffer: a 1 MiB buffer per read can cost an mmap/munmap pair,
         # more than reading the file. A short read is the end of these files.
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(f"{self.root}/{pid}/{name}", os.O_RDONLY)
         try:
             data = os.read(fd, _READ_CHUNK)
             if len(data) < _READ_CHUNK:
@@ -338,32 +375,123 @@ class ProcfsReader:
         finally:
             os.close(fd)
 
-    def sample(self, pid: int, *, cmdline: bool = True, detail: bool = False) -> Sample:
+    def count_fds(self, pid: int) -> int:
+        path = f"{self.root}/{pid}/fd"
+        return os.stat(path).st_size if self._fds_by_stat else len(os.listdir(path))
+
+    def exists(self, pid: int) -> bool:
+        return os.path.exists(f"{self.root}/{pid}")
+
+
+_HELD_FILES = ("stat", "status", "cmdline")
+
+
+class ProcfsReader:
+    """Reads Linux /proc directly: stat, status, cmdline and, for metrics, io, fd, limits.
+
+    `files` replaces the kernel's /proc with another source of its files (tests script
+    rare cases with it); OS errors of either are translated by `wrap_exceptions` alone.
+    """
+
+    def __init__(self, proc_root: str = "/proc", system: SystemFacts | None = None, *,
+                 files: ProcFiles | None = None) -> None:
+        self.root = proc_root
+        self.system = system or SystemFacts()
+        self.files: ProcFiles = files if files is not None else ProcDir(proc_root)
+        self._read = self.files.read
+        # max open files rarely changes; cache it per process incarnation.
+        self._max_fds: dict[tuple[int, int], int | None] = {}
+
+        # Lookups keep the /proc files of recently asked pids open and re-read them with
+        # pread: a third of the system calls, and each call is a GIL hand-off between
+        # request threads. Per thread, so no fd is ever closed under another reader. Only
+        # on the kernel's /proc, where an open file is bound to one process incarnation.
+        self._hold = files is None
+        self._held = threading.local()
+
+    def pids(self) -> list[int]:
+        return self.files.pids()
+
+    def _file(self, pid: int, name: str) -> bytes:
+        """/proc/PID/NAME, errors translated. wrap_exceptions unrolled: the hot path, one
+        call per file per process per scrape, where the decorator's frame cost 5%."""
+        try:
+            return self._read(pid, name)
+        except OSError as exc:
+            error = translate(exc, pid)
+            if error is exc:
+                raise
+            raise error from exc
+
+    @wrap_exceptions
+    def _fd_count(self, pid: int) -> int:
+        return self.files.count_fds(pid)
+
+    @wrap_exceptions
+    def _reread(self, pid: int, fds: tuple[int, ...]) -> Sample:
+        return self._parse(pid, *(_pread(fd) for fd in fds))
+
+    @wrap_exceptions
+    def _open_and_read(self, pid: int, opened: list[int]) -> Sample:
         base = f"{self.root}/{pid}/"
+        for name in _HELD_FILES:
+            opened.append(os.open(base + name, os.O_RDONLY))
+        return self._parse(pid, *(_pread(fd) for fd in opened))
+
+    def lookup(self, pid: int) -> Sample:
+        """sample(pid) for repeated lookups: the pid's files stay open between calls.
+
+        An open /proc/PID file belongs to one process incarnation: once that process is
+        gone, reads fail with ESRCH even if the pid has been reused, so a held file never
+        shows another process. Then the files are dropped and the pid is read afresh.
+        """
+        if not self._hold:
+            return self.sample(pid)
+        held: OrderedDict[int, tuple[int, ...]] | None = getattr(self._held, "fds", None)
+        if held is None:
+            held = self._held.fds = OrderedDict()
+        fds = held.pop(pid, None)
+        if fds is not None:
+            try:
+                sample = self._reread(pid, fds)
+            except ProcessGone:
+                # That incarnation is gone, or pid is a thread's: the fresh read below says.
+                _close_all(fds)
+            except BaseException:
+                _close_all(fds)  # popped from `held`: nobody else would close them
+                raise
+            else:
+                held[pid] = fds
+                return sample
+        opened: list[int] = []
         try:
-            stat = self._read(base + "stat")
-        except (FileNotFoundError, ProcessLookupError):
-            raise ProcessGone(pid) from None
-        except PermissionError:
-            raise ProcessDenied(pid) from None
-        sample = self._from_stat(pid, stat)
+            sample = self._open_and_read(pid, opened)
+        except ProcessDenied:
+            _close_all(opened)
+            return self.sample(pid)  # some files unreadable: the path that tolerates it
+        except BaseException:
+            _close_all(opened)
+            raise
+        held[pid] = tuple(opened)
+        while len(held) > _HELD_PIDS:
+            _close_all(held.popitem(last=False)[1])
+        return sample
+
+    def sample(self, pid: int, *, cmdline: bool = True, detail: bool = False) -> Sample:
+        sample = self._from_stat(pid, self._file(pid, "stat"))
         try:
-            status = self._read(base + "status")
-        except (FileNotFoundError, ProcessLookupError):
-            raise ProcessGone(pid) from None
-        except PermissionError:
+            status = self._file(pid, "status")
+        except ProcessDenied:
             status = b""
         _check_is_process(pid, status)
         sample.uid = _status_int(status, b"\nUid:")
         if cmdline:
             try:
-                sample.cmdline = _split_cmdline(self._read(base + "cmdline"))
-            except PermissionError:
-                pass
-            except (FileNotFoundError, ProcessLookupError):
-                raise ProcessGone(pid) from None
+                sample.cmdline = _split_cmdline(self._file(pid, "cmdline"))
+            except ProcessDenied:
+                pass  # None: not allowed to know
         if detail:
-            self._read_detail(sample, base, status)
+            self._read_detail(sample, status)
         return sample
 
     def _parse(self, pid: int, stat: bytes, status: bytes, cmdline: bytes) -> Sample:
@@ -395,33 +523,33 @@ class ProcfsReader:
             rss=int(f[21]) * self.system.page_size,
         )
 
-    def _read_detail(self, sample: Sample, base: str, status: bytes) -> None:
+    def _read_detail(self, sample: Sample, status: bytes) -> None:
+        # Optional fields: what cannot be read now (denied, or the process exited after its
+        # stat) stays None, and the process still counts with what was read.
+        pid = sample.pid
         sample.voluntary_ctxt = _status_int(status, b"\nvoluntary_ctxt_switches:")
         sample.nonvoluntary_ctxt = _status_int(status, b"\nnonvoluntary_ctxt_switches:")
         swap_kb = _status_int(status, b"\nVmSwap:")
         sample.swap = swap_kb * 1024 if swap_kb is not None else None
         try:
-            io = self._read(base + "io")
+            io = self._file(pid, "io")
             sample.read_bytes = _status_int(io, b"\nread_bytes:")
             sample.write_bytes = _status_int(io, b"\nwrite_bytes:")
-        except (PermissionError, FileNotFoundError, ProcessLookupError):
+        except ProcessError:
             pass
         try:
-            if self._fds_by_stat:
-                sample.num_fds = os.stat(base + "fd").st_size
-            else:
-                sample.num_fds = len(os.listdir(base + "fd"))
-        except (PermissionError, FileNotFoundError, ProcessLookupError):
+            sample.num_fds = self._fd_count(pid)
+        except ProcessError:
             pass
-        key = (sample.pid, sample.start_ticks)
+        key = (pid, sample.start_ticks)
         if key not in self._max_fds:
-            self._max_fds[key] = self._read_max_fds(base)
+            self._max_fds[key] = self._read_max_fds(pid)
         sample.max_fds = self._max_fds[key]
 
-    def _read_max_fds(self, base: str) -> int | None:
+    def _read_max_fds(self, pid: int) -> int | None:
         try:
-            limits = self._read(base + "limits")
-        except (PermissionError, FileNotFoundError, ProcessLookupError):
+            limits = self._file(pid, "limits")
+        except ProcessError:
             return None
         at = limits.find(b"Max open files")
         if at < 0:
@@ -435,13 +563,20 @@ class ProcfsReader:
             del self._max_fds[key]
 
     def proportional_memory(self, pid: int) -> tuple[int | None, int | None]:
-        """(PSS, swap PSS) in bytes from smaps_rollup; costly for big processes, so opt-in."""
+        """(PSS, swap PSS) in bytes from smaps_rollup; costly for big processes, so opt-in.
+
+        A process with no memory of its own (a kernel thread) answers ESRCH for its smaps
+        while it runs: as psutil does, that is "no PSS", and only a /proc/PID that is gone
+        too means the process is.
+        """
         try:
-            rollup = self._read(f"{self.root}/{pid}/smaps_rollup")
-        except (FileNotFoundError, ProcessLookupError):
-            raise ProcessGone(pid) from None
-        except OSError:
+            rollup = self._file(pid, "smaps_rollup")
+        except ProcessDenied:
             return None, None
+        except ProcessGone:
+            if self.files.exists(pid):
+                return None, None
+            raise
         pss, swap_pss = _status_int(rollup, b"\nPss:"), _status_int(rollup, b"\nSwapPss:")
         return (pss * 1024 if pss is not None else None,
                 swap_pss * 1024 if swap_pss is not None else None)
@@ -456,51 +591,47 @@ class PsutilReader:
     def pids(self) -> list[int]:
         return psutil.pids()
 
+    @wrap_exceptions
     def sample(self, pid: int, *, cmdline: bool = True, detail: bool = False) -> Sample:
-        try:
-            proc = psutil.Process(pid)
-            with proc.oneshot():
-                times = proc.cpu_times()
-                mem = proc.memory_info()
-                faults = getattr(proc, "page_faults", None)
-                minflt, majflt = (faults()[:2] if faults else (0, 0))
-                create = proc.create_time()
-                sample = Sample(
-                    pid=pid,
-                    comm=proc.name(),
-                    state=_PSUTIL_STATUS_CHAR.get(proc.status(), "?"),
-                    ppid=proc.ppid(),
-                    start_ticks=int(round((create - self.system.boot_time) * 100)),
-                    create_time=create,
-                    utime=times.user,
-                    stime=times.system,
-                    num_threads=proc.num_threads(),
-                    minflt=minflt,
-                    majflt=majflt,
-                    vsize=mem.vms,
-                    rss=mem.rss,
-                )
-                sample.uid = _maybe(lambda: proc.uids().real)
-                if cmdline:
-                    # A zombie has no argv left; /proc shows it empty, psutil raises.
-                    sample.cmdline = [] if sample.state == "Z" else _maybe(proc.cmdline)
-                if detail:
-                    ctx = _maybe(proc.num_ctx_switches)
-                    if ctx is not None:
-                        sample.voluntary_ctxt, sample.nonvoluntary_ctxt = ctx
-                    io = _maybe(proc.io_counters)
-                    if io is not None:
-                        sample.read_bytes, sample.write_bytes = io.read_bytes, io.write_bytes
-                    sample.num_fds = _maybe(proc.num_fds)
-                    sample.swap = _maybe(lambda: proc.memory_full_info().swap)
-                    limit = getattr(proc, "rlimit", None)
-                    if limit is not None:
-                        sample.max_fds = _maybe(lambda: limit(psutil.RLIMIT_NOFILE)[0])
-            return sample
-        except psutil.NoSuchProcess:
-            raise ProcessGone(pid) from None
-        except psutil.AccessDenied:
-            raise ProcessDenied(pid) from None
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            times = proc.cpu_times()
+            mem = proc.memory_info()
+            faults = getattr(proc, "page_faults", None)
+            minflt, majflt = (faults()[:2] if faults else (0, 0))
+            create = proc.create_time()
+            sample = Sample(
+                pid=pid,
+                comm=proc.name(),
+                state=_PSUTIL_STATUS_CHAR.get(proc.status(), "?"),
+                ppid=proc.ppid(),
+                start_ticks=int(round((create - self.system.boot_time) * 100)),
+                create_time=create,
+                utime=times.user,
+                stime=times.system,
+                num_threads=proc.num_threads(),
+                minflt=minflt,
+                majflt=majflt,
+                vsize=mem.vms,
+                rss=mem.rss,
+            )
+            sample.uid = _maybe(lambda: proc.uids().real)
+            if cmdline:
+                # A zombie has no argv left; /proc shows it empty, psutil raises.
+                sample.cmdline = [] if sample.state == "Z" else _maybe(proc.cmdline)
+            if detail:
+                ctx = _maybe(proc.num_ctx_switches)
+                if ctx is not None:
+                    sample.voluntary_ctxt, sample.nonvoluntary_ctxt = ctx
+                io = _maybe(proc.io_counters)
+                if io is not None:
+                    sample.read_bytes, sample.write_bytes = io.read_bytes, io.write_bytes
+                sample.num_fds = _maybe(proc.num_fds)
+                sample.swap = _maybe(lambda: proc.memory_full_info().swap)
+                limit = getattr(proc, "rlimit", None)
+                if limit is not None:
+                    sample.max_fds = _maybe(lambda: limit(psutil.RLIMIT_NOFILE)[0])
+        return sample
 
     def forget(self, alive: set[tuple[int, int]]) -> None:
         pass
@@ -511,16 +642,14 @@ class PsutilReader:
             raise ProcessGone(pid)
         return self.sample(pid)
 
+    @wrap_exceptions
     def proportional_memory(self, pid: int) -> tuple[int | None, int | None]:
         """(PSS, None) where psutil knows PSS (Linux); psutil has no swap PSS."""
-        try:
-            full = _maybe(psutil.Process(pid).memory_full_info)
-        except psutil.NoSuchProcess:
-            raise ProcessGone(pid) from None
+        full = _maybe(psutil.Process(pid).memory_full_info)
         return (getattr(full, "pss", None) if full is not None else None), None
 
 
-def _maybe(read):  # type: ignore[no-untyped-def]
+def _maybe(read: Callable[[], _R]) -> _R | None:
     """A field read that may be denied: None instead of an exception."""
     try:
         return read()

@@ -61,6 +61,66 @@ def reap(proc: subprocess.Popen) -> None:
         pass
 
 
+def _comm_and_state(pid: int) -> tuple[str, str] | None:
+    """(comm, one-letter state) once `pid` has exec'd; None before that or when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if not f.read():
+                return None  # between fork and exec, or a zombie
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    rpar = stat.rfind(b")")
+    comm = stat[stat.find(b"(") + 1: rpar].decode(errors="replace")
+    return comm, stat[rpar + 2: rpar + 3].decode()
+
+
+def wait_for_comm(pid: int, comm: str, *, timeout: float = 5.0, settled: bool = False) -> None:
+    """Wait until `pid` has exec'd as `comm` (and, if `settled`, sleeps: done loading)."""
+
+    def ready() -> bool:
+        seen = _comm_and_state(pid)
+        return seen is not None and seen[0] == comm and (not settled or seen[1] == "S")
+
+    wait_until(ready, timeout=timeout, what=f"pid {pid} to show comm {comm!r}")
+
+
+class NamedChildren:
+    """Children under a distinctive comm (the name of a symlink to the program); reaped.
+
+    Each instance has its own tag, so its comms ("pf1a2b3c-web") match no other process.
+    """
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.tag = "pf" + os.urandom(3).hex()
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def comm(self, suffix: str) -> str:
+        """The comm of children spawned with `suffix` (the kernel keeps 15 bytes)."""
+        return f"{self.tag}-{suffix}"[:15]
+
+    def start(self, suffix: str, program: str, *args: str,
+              settled: bool = False) -> subprocess.Popen[bytes]:
+        """Run `program args...` as comm(suffix), stdin a pipe; wait until it has exec'd."""
+        comm = self.comm(suffix)
+        link = self.tmp / comm
+        if not link.exists():
+            link.symlink_to(program)
+        child = subprocess.Popen([str(link), *args], stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.children.append(child)
+        wait_for_comm(child.pid, comm, settled=settled)
+        return child
+
+    def reap(self) -> None:
+        for child in self.children:
+            reap(child)
+            if child.stdin:
+                child.stdin.close()
+
+
 class Server:
     """A service started as users start it, its stdout and stderr kept in a log file."""
 

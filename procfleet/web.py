@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import re
 from http import HTTPStatus
 
 import falcon
+
+from procfleet.timefmt import rfc3339 as rfc3339  # re-exported: query.app imports it here
 
 PID_MAX = 2147483647
 # GET /process and GET /node/{target}/process share these filter rules.
@@ -42,11 +43,6 @@ def pid_or_400(text: str) -> int:
         return parse_pid(text)
     except PidError as exc:
         raise falcon.HTTPBadRequest(title="invalid pid", description=str(exc)) from None
-
-
-def rfc3339(epoch: float) -> str:
-    """Whole-second UTC timestamp with a Z suffix, e.g. 2026-01-15T10:30:00Z."""
-    return dt.datetime.fromtimestamp(int(epoch), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def error_body(status: int, error: str, details: str) -> dict[str, object]:

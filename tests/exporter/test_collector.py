@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,69 +14,26 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.collector import (
-    ERROR_KINDS,
-    MAX_TOP_N,
-    MetricsOptions,
-    ProcessCollector,
-    parse_metrics_options,
-)
+from exporter.collector import ERROR_KINDS, ProcessCollector
+from exporter.config import MAX_TOP_N, MetricsOptions, parse_metrics_options
 from exporter.groups import parse_groups
 from exporter.procs import UserNames, make_reader
 from procfleet.configcheck import Problems
+from procfleet.testing import NamedChildren, wait_for_comm, wait_until
 
 G = "namedprocess_namegroup_"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
 
-class Spawner:
-    """Children under a distinctive comm (a symlink's name); always reaped."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.tag = "pf" + uuid.uuid4().hex[:6]
-        self.children: list[subprocess.Popen[bytes]] = []
-
-    def comm(self, suffix: str) -> str:
-        return f"{self.tag}-{suffix}"[:15]
+class Spawner(NamedChildren):
+    """Shells under a distinctive comm, by default blocked reading stdin."""
 
     def spawn(self, suffix: str, script: str = "read _") -> subprocess.Popen[bytes]:
-        """A shell running `script` (by default blocked reading stdin) as comm tag-suffix."""
-        comm = self.comm(suffix)
-        link = self.tmp / comm
-        if not link.exists():
-            link.symlink_to("/bin/sh")
-        child = subprocess.Popen([str(link), "-c", script], stdin=subprocess.PIPE,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.children.append(child)
-        _wait_for(child.pid, comm, settled=script == "read _")
-        return child
+        # Blocked on stdin it sleeps: done loading, its memory stable.
+        return self.start(suffix, "/bin/sh", "-c", script, settled=script == "read _")
 
     def busy(self, suffix: str) -> subprocess.Popen[bytes]:
         return self.spawn(suffix, "while :; do :; done")
-
-    def reap(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.kill()
-            child.wait(timeout=10)
-            if child.stdin:
-                child.stdin.close()
-
-
-def _wait_for(pid: int, comm: str, deadline: float = 5.0, settled: bool = False) -> None:
-    """Until the child has exec'd (and, if `settled`, sleeps: done loading, stable memory)."""
-    until = time.monotonic() + deadline
-    while time.monotonic() < until:
-        try:
-            proc = psutil.Process(pid)
-            if proc.cmdline() and proc.name() == comm and (
-                    not settled or proc.status() == psutil.STATUS_SLEEPING):
-                return
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            pass
-        time.sleep(0.005)
-    raise AssertionError(f"pid {pid} never showed comm {comm!r}")
 
 
 def kill(child: subprocess.Popen[bytes]) -> None:
@@ -275,7 +231,7 @@ def test_unmatched_children_join_their_parents_group(spawner: Spawner) -> None:
     while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
         time.sleep(0.01)
     (child,) = psutil.Process(parent.pid).children()
-    _wait_for(child.pid, "sleep")
+    wait_for_comm(child.pid, "sleep")
     config = [{"comm": [parent_comm], "name": "parent-group-" + spawner.tag}]
     on = Exporter(config).scrape()
     off = Exporter(config, children=False).scrape()
@@ -300,7 +256,7 @@ def test_group_membership_is_decided_once_per_incarnation(spawner: Spawner) -> N
     assert value(exporter.scrape(), G + "num_procs", groupname=group) == 1
     child.stdin.write(b"\n")  # the shell now execs sleep: same pid, new comm and cmdline
     child.stdin.flush()
-    _wait_for(child.pid, "sleep")
+    wait_for_comm(child.pid, "sleep")
     values = exporter.scrape()
     assert value(values, G + "num_procs", groupname=group) == 1
 
@@ -309,14 +265,17 @@ def test_group_membership_is_decided_once_per_incarnation(spawner: Spawner) -> N
 
 def test_top_n_by_cpu_shows_the_busy_process(spawner: Spawner) -> None:
     busy = spawner.busy("hot")
-    exporter = Exporter(per_process_top_n=5, per_process_by="cpu")
+    exporter = Exporter(per_process_top_n=10, per_process_by="cpu")
     exporter.scrape()
-    time.sleep(0.5)
+    # Until the child has used CPU enough to rank on a loaded 2-core host: between two
+    # scrapes, 10 others can each use more only if the window is far longer.
+    start = cpu_of(busy)
+    wait_until(lambda: cpu_of(busy) - start >= 0.3, timeout=20, what="the child to spin")
     values = exporter.scrape()
     per_process = {labels for name, labels in values if name.startswith("procfleet_process_")}
     pids = {dict(labels)["pid"] for labels in per_process}
     assert str(busy.pid) in pids  # other busy processes on this host may rank too
-    assert len(pids) == 5
+    assert len(pids) == 10
     user = value(values, "procfleet_process_cpu_seconds_total",
                  groupname=spawner.comm("hot"), pid=str(busy.pid), mode="user")
     assert user is not None and user > 0
@@ -413,3 +372,40 @@ def test_options_parse() -> None:
                                      per_process_by="memory", per_process_groups=("nginx",),
                                      smaps=True, children=False)
     assert parse_metrics_options(None, problems) == MetricsOptions()
+
+
+# -- smaps and kernel threads ------------------------------------------------------------
+
+def _counted_pids(values) -> set[int]:
+    return {int(dict(labels)["pid"]) for name, labels in values
+            if name == "procfleet_process_resident_memory_bytes"}
+
+
+@pytest.mark.parametrize("reader", ["procfs", "psutil"])
+def test_smaps_counts_kernel_threads_as_psutil_sees_them(reader: str) -> None:
+    # Kernel threads answer ESRCH for /proc/PID/smaps_rollup while they run; smaps used to
+    # drop them as vanished (94 -> 35 processes). psutil reports them with PSS 0.
+    def processes() -> dict[int, int]:
+        return {p.pid: p.info["ppid"] for p in psutil.process_iter(["ppid"])}
+
+    before = processes()
+    kernel = {pid for pid, ppid in before.items() if pid == 2 or ppid == 2}
+    assert 2 in kernel and len(kernel) > 1, "this test needs kthreadd and its threads"
+    assert len(before) < MAX_TOP_N, "every process must fit in the per-process series"
+    assert psutil.Process(2).memory_full_info().pss == 0
+
+    # Default groups (one per comm) take every process, and each gets a per-process series:
+    # the pids counted are visible in the output.
+    exporter = Exporter(reader=reader, smaps=True, per_process_top_n=MAX_TOP_N)
+    values = exporter.scrape()
+    after = processes()
+    counted = _counted_pids(values)
+    # Processes alive before and after the scrape were alive during it (churn aside).
+    stable = set(before) & set(after)
+    stable = {pid for pid in stable if before[pid] == after[pid]}
+    missing = stable - counted
+    assert missing == set(), f"not counted: {sorted(missing)[:20]} of {len(stable)}"
+    assert kernel & stable <= counted
+    assert value(values, G + "num_procs", groupname="kthreadd") == 1
+    assert value(values, G + "memory_bytes", groupname="kthreadd",
+                 memtype="proportionalResident") == 0

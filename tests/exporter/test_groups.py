@@ -6,66 +6,26 @@ import os
 import pwd
 import re
 import subprocess
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from exporter.groups import DEFAULT_GROUPS, GroupMatcher, name_process, parse_groups
-from exporter.procs import ProcessGone, UserNames, make_reader
+from exporter.procs import ProcessError, UserNames, make_reader
 from procfleet.configcheck import Problems
+from procfleet.testing import NamedChildren
 
 SLEEP = "/bin/sleep"
 SHELL = "/bin/sh"
 
 
-class Spawner:
-    """Starts children under a distinctive comm (a symlink's name) and always reaps them."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.tag = "pf" + uuid.uuid4().hex[:6]
-        self.children: list[subprocess.Popen[bytes]] = []
-
+class Spawner(NamedChildren):
     def spawn(self, suffix: str, *args: str) -> subprocess.Popen[bytes]:
         """`sleep 60` by default; with args, a shell blocked reading stdin, args on argv."""
-        comm = f"{self.tag}-{suffix}"[:15]
-        link = self.tmp / comm
-        if not link.exists():
-            link.symlink_to(SHELL if args else SLEEP)
-        argv = [str(link), "-c", "read _", *args] if args else [str(link), "60"]
-        child = subprocess.Popen(argv, stdin=subprocess.PIPE,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.children.append(child)
-        wait_for_comm(child.pid, comm)
-        return child
-
-    def reap(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.kill()
-            child.wait(timeout=10)
-            if child.stdin:
-                child.stdin.close()
-
-
-def wait_for_comm(pid: int, comm: str, deadline: float = 5.0) -> None:
-    """Wait until the child has exec'd: its comm is the expected one and argv is set up."""
-    until = time.monotonic() + deadline
-    while time.monotonic() < until:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read()
-            if argv and stat[stat.find(b"(") + 1: stat.rfind(b")")].decode() == comm:
-                return
-        except FileNotFoundError:
-            pass
-        time.sleep(0.005)
-    raise AssertionError(f"pid {pid} never showed comm {comm!r}")
+        if args:
+            return self.start(suffix, SHELL, "-c", "read _", *args)
+        return self.start(suffix, SLEEP, "60")
 
 
 @pytest.fixture
@@ -224,7 +184,7 @@ def test_default_groups_name_every_process_by_comm(spawner: Spawner, reader) -> 
     for pid in reader.pids():
         try:
             sample = reader.sample(pid, cmdline=True)
-        except ProcessGone:
+        except ProcessError:
             continue
         assert name_process(DEFAULT_GROUPS, sample) == sample.comm
         named += 1
