@@ -33,10 +33,11 @@ from query import metrics as query_metrics
 from query import openapi
 from query.auth import PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
 from query.config import Config
-from query.discovery import Discovery, http_sd
+from query.discovery import Discovery
 from query.fanout import Fanout
 from query.lookup import Answer, Lookup
 from query.metrics import Metrics
+from query.sd import ServiceDiscoveryResource
 from query.targets import Target, TargetError, parse_target, resolve
 
 log = logging.getLogger("query.app")
@@ -202,7 +203,7 @@ class NodesResource:
         resp.media = {"exporters": [self._describe(e) for e in exporters]}
 
     def _describe(self, exporter: Any) -> dict[str, Any]:
-        health = self.discovery.health(exporter.hostname)
+        health = self.discovery.health.get(exporter.hostname)
         described: dict[str, Any] = {"status": health.status}
         for key, value in (("last_checked", _maybe_rfc3339(health.last_checked)),
                            ("last_seen", _maybe_rfc3339(health.last_seen)),
@@ -212,18 +213,6 @@ class NodesResource:
         return {"hostname": exporter.hostname, "url": exporter.url,
                 "labels": dict(exporter.labels), "maintenance": exporter.maintenance,
                 "source": exporter.source, "health": described}
-
-
-class ServiceDiscoveryResource:
-    """`GET /sd`: the known exporters as Prometheus `http_sd` target groups."""
-
-    permission = "node:read"
-
-    def __init__(self, discovery: Discovery) -> None:
-        self.discovery = discovery
-
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = http_sd(self.discovery.fleet.exporters)
 
 
 class HealthResource:

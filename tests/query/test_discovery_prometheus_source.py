@@ -19,7 +19,8 @@ from query_testing import make_config
 
 from procfleet.testing import free_port
 from query.config import PrometheusSD
-from query.discovery import Discovery, DiscoveryError, PrometheusSource
+from query.discovery import Discovery, DiscoveryError
+from query.sources import PrometheusSource
 
 
 def target(address: str, *, job: str = "procfleet", scheme: str = "http",
