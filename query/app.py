@@ -6,7 +6,9 @@ Routes (see openapi.json for the shapes):
     GET /node/{hostname}/process         each targeted exporter's process list   process:read
     GET /node                            known exporters, labels, last-seen health  node:read
     GET /sd                              the exporters in Prometheus http_sd format  node:read
-    GET /healthz, /metrics, /openapi.json                                        public
+    GET /metrics                         the service's own metrics    node:read, or public
+                                         with auth.protect_metrics: false
+    GET /healthz, /openapi.json                                                  public
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
     app.add_route("/node", NodesResource(discovery))
     app.add_route("/sd", ServiceDiscoveryResource(discovery))
     app.add_route("/healthz", HealthResource(discovery))
-    app.add_route("/metrics", MetricsResource(metrics))
+    app.add_route("/metrics", MetricsResource(
+        metrics, permission="node:read" if config.auth.protect_metrics else PUBLIC))
     app.add_route("/openapi.json", OpenAPIResource())
     app.add_sink(NotFoundSink(authenticator), prefix="/")
     return app
@@ -229,12 +232,15 @@ class HealthResource:
 
 
 class MetricsResource:
-    """`GET /metrics`: the query service's own metrics in Prometheus text format."""
+    """`GET /metrics`: the query service's own metrics in Prometheus text format.
 
-    permission = PUBLIC
+    Its series name every exporter (failures by exporter), which `/node` keeps behind
+    node:read; so does this, unless `auth.protect_metrics` is false.
+    """
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, *, permission: str = "node:read") -> None:
         self.metrics = metrics
+        self.permission = permission
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = query_metrics.CONTENT_TYPE

@@ -8,6 +8,7 @@
     exporter_token: "<token>"                       # default bearer token for the exporters
     auth:
       enabled: true
+      protect_metrics: true                         # /metrics needs node:read (else open)
       api_keys:
         - {name: grafana, sha256: "<hex>", permissions: [process:read]}
     exporters:                                      # static discovery
@@ -78,10 +79,15 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class Auth:
-    """Whether API keys are required, and which ones exist."""
+    """Whether API keys are required, and which ones exist.
+
+    `protect_metrics` (as the exporter's key of that name): with auth enabled, `/metrics`
+    needs a key with `node:read`, because its series name every exporter as `/node` does.
+    """
 
     enabled: bool = True
     api_keys: tuple[ApiKey, ...] = ()
+    protect_metrics: bool = True
 
 
 @dataclass(frozen=True)
@@ -224,8 +230,9 @@ def _fanout(problems: Problems, raw: Any) -> FanoutLimits:
 
 def _auth(problems: Problems, raw: Any) -> Auth:
     data = problems.mapping(raw, "auth")
-    problems.unknown_keys(data, {"enabled", "api_keys"}, "auth")
+    problems.unknown_keys(data, {"enabled", "api_keys", "protect_metrics"}, "auth")
     enabled = problems.typed(data, "enabled", bool, True, "auth")
+    protect_metrics = problems.typed(data, "protect_metrics", bool, True, "auth")
     raw_keys = problems.typed(data, "api_keys", list, [], "auth")
     keys: list[ApiKey] = []
     names: dict[str, int] = {}
@@ -257,7 +264,7 @@ def _auth(problems: Problems, raw: Any) -> Auth:
     if enabled and not raw_keys and (raw is None or isinstance(raw, Mapping)):
         problems.add("auth.api_keys", "must list at least one key when auth.enabled is true "
                      "(make one with `procfleet-query keygen`)")
-    return Auth(enabled=enabled, api_keys=tuple(keys))
+    return Auth(enabled=enabled, api_keys=tuple(keys), protect_metrics=protect_metrics)
 
 
 def _permissions(problems: Problems, item: Mapping[str, Any], path: str) -> frozenset[str]:

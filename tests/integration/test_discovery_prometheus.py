@@ -185,7 +185,8 @@ def test_prometheus_scrapes_the_exporters_that_sd_serves(stack: Stack,
 def test_prometheus_reloads_are_counted(stack: Stack) -> None:
     known(stack)
     with requests.Session() as session:
-        text = session.get(f"{stack.query.url}/metrics", timeout=10).text
+        text = session.get(f"{stack.query.url}/metrics", timeout=10,
+                           headers={"X-API-Key": stack.query.node_key}).text
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines()
                  if line.startswith("procfleet_query_discovery_"))
     assert float(lines['procfleet_query_discovery_reloads_total{result="success",'

@@ -53,6 +53,7 @@ def test_defaults_of_a_minimal_file() -> None:
     assert (config.timeouts.exporter, config.timeouts.request) == (2.0, 5.0)
     assert config.fanout.max_in_flight == 256
     assert config.auth.enabled and config.exporters == ()
+    assert config.auth.protect_metrics  # /metrics needs node:read unless said otherwise
 
 
 def test_built_in_default_is_this_host_on_loopback() -> None:
@@ -91,6 +92,8 @@ def test_built_in_default_is_this_host_on_loopback() -> None:
      "fanout.max_in_flight: must be at least 1"),
     ({}, "auth.api_keys: must list at least one key when auth.enabled is true"),
     ({"auth": {"enabled": "no"}}, "auth.enabled: must be a boolean, got str"),
+    ({"auth": {"api_keys": [KEY], "protect_metrics": "no"}},
+     "auth.protect_metrics: must be a boolean, got str"),
     ({"auth": {"api_keys": [KEY, "x"]}}, "auth.api_keys[1]: must be a mapping"),
     ({"auth": {"api_keys": [{**KEY, "sha256": "abc"}]}},
      "auth.api_keys[0].sha256: must be 64 hexadecimal digits"),
