@@ -260,7 +260,10 @@ class PrometheusSource:
         self.settings = settings
         self.interval: float | None = settings.refresh_interval
         self._token = token
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        # No proxy from the environment, and no redirects: a redirect would send the request
+        # (and whatever it carries) to a server nobody configured.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                   _NoRedirects())
 
     def poll(self, force: bool) -> Sequence[Exporter] | None:
         url = f"{self.settings.url}/api/v1/targets?state=active"
@@ -335,12 +338,25 @@ class PrometheusSource:
                 return b"".join(chunks)
         except urllib.error.HTTPError as exc:
             exc.close()
+            if 300 <= exc.code < 400 and exc.headers.get("Location"):
+                location = exc.headers["Location"]
+                raise DiscoveryError(f"{url}: HTTP {exc.code} redirect to {location[:200]!r} "
+                                     "not followed; configure prometheus.url as the "
+                                     "server's own address") from None
             raise DiscoveryError(f"{url}: HTTP {exc.code}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, TimeoutError) or isinstance(exc, TimeoutError):
                 reason = f"timeout after {timeout} s"
             raise DiscoveryError(f"{url}: {reason}") from None
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuses every redirect, so a 3xx answer is an HTTPError like any other status."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> None:
+        return None
 
 
 def sources_for(config: Config, previous: Sequence[Source] = ()) -> list[Source]:
