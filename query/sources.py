@@ -11,24 +11,39 @@ the ones a configuration names (docs/api.md, "Discovery").
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
+import logging
 import os
 import re
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import yaml
 
 import procfleet
-from query.config import Config, PrometheusSD
+from procfleet import filetrust
+from query.config import Config, FileSDEntry, PrometheusSD
 from query.fleet import DiscoveryError, Exporter, Source
 from query.targets import is_hostname
+
+log = logging.getLogger(__name__)
+
+# (source, exporter URL, the token of the exporter or its source) -> the token to send it;
+# `Config.exporter_token_for` applies exporter_token_scope.
+TokenResolver = Callable[[str, str, str | None], str | None]
+
+
+def own_token_only(source: str, url: str, own: str | None) -> str | None:
+    """The resolver without a configuration: an exporter gets its source's token only."""
+    return own
+
 
 PROMETHEUS_MAX_BODY_BYTES = 64 * 1024 * 1024
 FILE_SD_MAX_BYTES = 16 * 1024 * 1024
@@ -41,7 +56,7 @@ _OWN_FIELDS = ("hostname", "maintenance")
 # -- static ---------------------------------------------------------------------------------
 
 class StaticSource:
-    """The `exporters:` list of the configuration; the global exporter_token fills gaps."""
+    """The `exporters:` list of the configuration; exporter_token fills gaps in its scope."""
 
     name = "static"
     interval = None
@@ -50,7 +65,8 @@ class StaticSource:
     def __init__(self, config: Config) -> None:
         self._exporters = tuple(
             Exporter(hostname=e.hostname, url=e.url, labels=e.labels, maintenance=e.maintenance,
-                     token=e.token or config.exporter_token, source=self.name,
+                     token=config.exporter_token_for(self.name, e.url, e.token),
+                     source=self.name,
                      origin=config.source)
             for e in config.exporters
         )
@@ -78,34 +94,48 @@ class FixedSource:
 class FileSDSource:
     """Prometheus file_sd files matching the `file_sd:` globs, parsed again when one changes.
 
-    A change is any file appearing, vanishing, or changing mtime, size or inode (editors and
-    `mv` replace files). One bad file fails the whole source, which keeps its last good set.
+    A change is any file appearing, vanishing, or changing mtime, size, inode, mode or owner
+    (editors and `mv` replace files). One bad file fails the whole source, which keeps its
+    last good set. A file other users could change (`procfleet.filetrust`, the file's own
+    directory included even with the sticky bit) is a bad file, unless `allow_insecure`:
+    then it is loaded with a warning each time it is read.
+
+    Each exporter's token comes from `resolve` with the token of the first `file_sd` entry
+    whose patterns match its file.
     """
 
     name = "file_sd"
     required = True
 
-    def __init__(self, patterns: Sequence[str], *, interval: float = 5.0,
-                 token: str | None = None) -> None:
-        self.patterns = tuple(patterns)
+    def __init__(self, entries: Sequence[FileSDEntry | str], *, interval: float = 5.0,
+                 resolve: TokenResolver = own_token_only, allow_insecure: bool = False
+                 ) -> None:
+        self.entries = tuple(e if isinstance(e, FileSDEntry) else FileSDEntry(files=(e,))
+                             for e in entries)
         self.interval: float | None = interval
-        self._token = token
-        self._signature: tuple[tuple[str, int, int, int], ...] | None = None
+        self._resolve = resolve
+        self._allow_insecure = allow_insecure
+        self._signature: tuple[tuple[str, int, int, int, int, int, int], ...] | None = None
 
-    def _files(self) -> list[str]:
-        found: set[str] = set()
-        for pattern in self.patterns:
-            found.update(p for p in glob.glob(pattern) if os.path.isfile(p))
-        return sorted(found)
+    def _files(self) -> dict[str, FileSDEntry]:
+        found: dict[str, FileSDEntry] = {}
+        for entry in self.entries:
+            for pattern in entry.files:
+                for path in glob.glob(pattern):
+                    if os.path.isfile(path):
+                        found.setdefault(path, entry)  # the first entry naming it wins
+        return dict(sorted(found.items()))
 
     def poll(self, force: bool) -> Sequence[Exporter] | None:
+        files = self._files()
         signature = []
-        for path in self._files():
+        for path in files:
             try:
                 st = os.stat(path)
             except FileNotFoundError:  # removed between glob and stat
                 continue
-            signature.append((path, st.st_mtime_ns, st.st_size, st.st_ino))
+            signature.append((path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode,
+                              st.st_uid, st.st_gid))
         unchanged = tuple(signature) == self._signature
         self._signature = tuple(signature)  # a broken state is reported once, not each poll
         if unchanged and not force:
@@ -114,12 +144,24 @@ class FileSDSource:
         seen: dict[str, str] = {}
         problems: list[str] = []
         for path, *_ in signature:
+            insecure = filetrust.write_problems(path, own_dir_strict=True)
+            if insecure and not self._allow_insecure:
+                problems.append(f"{path}: refused, other users could change what it says "
+                                f"(discovery.allow_insecure_files: true loads it anyway): "
+                                + "; ".join(insecure))
+                continue
+            for problem in insecure:
+                log.warning("INSECURE file_sd file loaded (discovery.allow_insecure_files)",
+                            extra={"fields": {"file": path, "problem": problem}})
             try:
-                found = read_file_sd(path, token=self._token)
+                found = read_file_sd(path)
             except DiscoveryError as exc:
                 problems.append(str(exc))
                 continue
+            own = files[path].token
             for exporter in found:
+                exporter = dataclasses.replace(
+                    exporter, token=self._resolve(self.name, exporter.url, own))
                 if exporter.hostname in seen:
                     problems.append(f"{path}: hostname {exporter.hostname!r} is already "
                                     f"defined in {seen[exporter.hostname]}")
@@ -256,10 +298,12 @@ class PrometheusSource:
     name = "prometheus"
     required = False  # Prometheus may be down when the query service starts
 
-    def __init__(self, settings: PrometheusSD, *, token: str | None = None) -> None:
+    def __init__(self, settings: PrometheusSD, *, resolve: TokenResolver = own_token_only
+                 ) -> None:
         self.settings = settings
         self.interval: float | None = settings.refresh_interval
-        self._token = token
+        self._resolve = resolve
+        self.token_key: tuple[object, ...] = ()  # what sources_for compares on a reload
         # No proxy from the environment, and no redirects: a redirect would send the request
         # (and whatever it carries) to a server nobody configured.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
@@ -312,9 +356,11 @@ class PrometheusSource:
             address = str(discovered.get("__address__") or labels.get("instance") or "")
             scheme, path = str(discovered.get("__scheme__") or "http"), ""
         path = path.removesuffix("/metrics").rstrip("/")
-        return exporter_from_target(address, text_labels, token=self._token,
-                                    source=self.name, origin=self.settings.url,
-                                    scheme=scheme, path=path)
+        exporter = exporter_from_target(address, text_labels, token=None,
+                                        source=self.name, origin=self.settings.url,
+                                        scheme=scheme, path=path)
+        return dataclasses.replace(exporter, token=self._resolve(self.name, exporter.url,
+                                                                 self.settings.token))
 
     def _fetch(self, url: str) -> bytes:
         """The body of a GET, within `timeout` seconds overall and the size cap."""
@@ -360,18 +406,46 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 def sources_for(config: Config, previous: Sequence[Source] = ()) -> list[Source]:
-    """The sources a configuration names; an unchanged Prometheus source is kept as it was."""
+    """The sources a configuration names; an unchanged Prometheus source is kept as it was.
+
+    Exporters get tokens by `config.exporter_token_for`; a source whose exporters would get
+    none while an exporter_token is set is logged, as a likely oversight.
+    """
+    resolve = config.exporter_token_for
     sources: list[Source] = [StaticSource(config)]
     if config.file_sd:
         sources.append(FileSDSource(config.file_sd, interval=config.discovery.refresh_interval,
-                                    token=config.exporter_token))
+                                    resolve=resolve,
+                                    allow_insecure=config.discovery.allow_insecure_files))
     if config.prometheus is not None:
         for old in previous:
             if isinstance(old, PrometheusSource) and old.settings == config.prometheus \
-                    and old._token == config.exporter_token:
+                    and old.token_key == _token_key(config):
                 sources.append(old)
                 break
         else:
-            sources.append(PrometheusSource(config.prometheus, token=config.exporter_token))
+            source = PrometheusSource(config.prometheus, resolve=resolve)
+            source.token_key = _token_key(config)
+            sources.append(source)
+    _note_tokenless_sources(config)
     return sources
 
+
+def _token_key(config: Config) -> tuple[object, ...]:
+    """What decides the tokens a source's exporters get, to tell whether it changed."""
+    return (config.exporter_token, config.exporter_token_scope)
+
+
+def _note_tokenless_sources(config: Config) -> None:
+    if config.exporter_token is None or config.exporter_token_scope.urls:
+        return
+    scope = config.exporter_token_scope.sources
+    tokenless = [f"file_sd[{i}]" for i, entry in enumerate(config.file_sd)
+                 if entry.token is None and "file_sd" not in scope]
+    if config.prometheus is not None and config.prometheus.token is None \
+            and "prometheus" not in scope:
+        tokenless.append("prometheus")
+    if tokenless:
+        log.warning("exporter_token is not sent to the exporters of these sources (they have "
+                    "no token and exporter_token_scope.sources does not name them)",
+                    extra={"fields": {"sources": ",".join(tokenless)}})

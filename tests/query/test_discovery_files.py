@@ -68,7 +68,7 @@ def test_relative_patterns_are_relative_to_the_config_file(tmp_path) -> None:
                                         "file_sd: [targets/*.yaml]\n")
     from query.config import load
     config = load(tmp_path / "query.yml")
-    assert config.file_sd == (str(tmp_path / "targets" / "*.yaml"),)
+    assert config.file_sd[0].files == (str(tmp_path / "targets" / "*.yaml"),)
     assert hostnames(Discovery.from_config(config)) == ["10.1.1.1"]
 
 

@@ -86,6 +86,7 @@ def prometheus_api() -> Iterator[FakePrometheus]:
 
 def prometheus_config(url: str, exporters: list | None = None, **settings: Any):
     return make_config(exporters or [], exporter_token="exp-token",
+                       exporter_token_scope={"sources": ["static", "prometheus"]},
                        prometheus={"url": url, "job": "procfleet", **settings})
 
 

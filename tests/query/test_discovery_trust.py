@@ -6,14 +6,25 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from query_testing import make_config
 
-from query.config import PrometheusSD
-from query.discovery import DiscoveryError
+from procfleet.configcheck import ConfigError
+from procfleet.testing import free_port
+from query.config import Config, PrometheusSD, load
+from query.discovery import Discovery, DiscoveryError
 from query.sources import PrometheusSource
 
 
@@ -92,3 +103,157 @@ def test_the_same_server_answering_directly_is_read(recorders) -> None:
     prometheus.body = TARGETS
     source = PrometheusSource(PrometheusSD(url=prometheus.url, job="procfleet", timeout=5))
     assert [e.hostname for e in source.poll(force=True) or ()] == ["web-01"]
+
+
+# -- files other users could change or read ------------------------------------------------
+
+STRANGER = 54321  # a uid and gid with no passwd entry: nobody this service trusts
+
+
+def write_targets(path: Path, hostname: str = "web-01", address: str = "10.0.0.1:9256"
+                  ) -> Path:
+    path.write_text(yaml.safe_dump([{"targets": [address], "labels": {"hostname": hostname}}]))
+    return path
+
+
+def files_config(pattern: Path, **discovery: Any) -> Config:
+    return make_config([], file_sd=[str(pattern)], discovery=discovery or None)
+
+
+@pytest.fixture
+def reachable_dir() -> Iterator[Path]:
+    """A directory every user can enter (pytest's own tmp dirs are 0700): for read checks."""
+    path = Path(tempfile.mkdtemp(prefix="procfleet-trust-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda p: p.chmod(0o646), r"writable by every user \(mode 0646\)"),
+    (lambda p: (p.chmod(0o664), os.chown(p, -1, STRANGER)),
+     rf"writable by group {STRANGER} \(mode 0664\)"),
+    (lambda p: os.chown(p, STRANGER, -1), rf"owned by uid {STRANGER}"),
+    (lambda p: p.parent.chmod(0o777), r"targets: writable by every user \(mode 0777\) without "
+                                      r"the sticky bit"),
+    (lambda p: p.parent.chmod(0o1777), r"targets: writable by every user \(mode 1777\), so "
+                                       r"anyone may add files"),
+    (lambda p: (p.parent.chmod(0o775), os.chown(p.parent, -1, STRANGER)),
+     rf"targets: writable by group {STRANGER}"),
+    (lambda p: os.chown(p.parent, STRANGER, -1), rf"targets: the directory is owned by uid "
+                                                 rf"{STRANGER}"),
+])
+def test_a_file_sd_file_others_could_change_is_refused(tmp_path: Path, change, problem: str
+                                                       ) -> None:
+    (tmp_path / "targets").mkdir()
+    path = write_targets(tmp_path / "targets" / "web.yml")
+    change(path)
+    with pytest.raises(DiscoveryError, match=problem) as caught:
+        Discovery.from_config(files_config(tmp_path / "targets" / "*.yml"))
+    assert str(path) in str(caught.value)
+    assert "discovery.allow_insecure_files" in str(caught.value)
+
+
+@pytest.mark.parametrize("change", [
+    lambda p: p.chmod(0o600),
+    lambda p: p.chmod(0o664),  # group write for root's group (gid 0): the admins
+    lambda p: p.parent.parent.chmod(0o1777),  # sticky above the glob's own directory
+])
+def test_a_file_only_root_can_change_is_loaded(tmp_path: Path, change) -> None:
+    (tmp_path / "targets").mkdir()
+    path = write_targets(tmp_path / "targets" / "web.yml")
+    change(path)
+    discovery = Discovery.from_config(files_config(tmp_path / "targets" / "*.yml"))
+    assert list(discovery.fleet.by_hostname) == ["web-01"]
+
+
+def test_allow_insecure_files_loads_with_a_warning(tmp_path: Path, caplog) -> None:
+    path = write_targets(tmp_path / "web.yml")
+    path.chmod(0o666)
+    discovery = Discovery.from_config(files_config(tmp_path / "*.yml",
+                                                   allow_insecure_files=True))
+    assert list(discovery.fleet.by_hostname) == ["web-01"]
+    warned = [r for r in caplog.records if r.levelname == "WARNING"
+              and r.getMessage().startswith("INSECURE file_sd file")]
+    assert warned and warned[0].fields["file"] == str(path)
+    assert "writable by every user" in warned[0].fields["problem"]
+
+
+def test_a_file_made_writable_later_keeps_the_last_good_set(tmp_path: Path) -> None:
+    path = write_targets(tmp_path / "web.yml")
+    discovery = Discovery.from_config(files_config(tmp_path / "*.yml"))
+    good = discovery.fleet
+    path.chmod(0o666)  # only the mode changes: no new mtime, still noticed
+    assert not discovery.refresh(force=False)
+    assert discovery.fleet is good
+    assert discovery.reload_stats()["file_sd"].failures == 1
+    path.chmod(0o644)
+    assert discovery.refresh(force=False)
+
+
+def config_text(**extra: Any) -> str:
+    return yaml.safe_dump({"auth": {"enabled": False}, "exporters": [
+        {"hostname": "web-01", "url": "http://10.0.0.1:9256"}], **extra})
+
+
+@pytest.mark.parametrize(("mode", "extra", "problem"), [
+    (0o646, {}, r"writable by every user \(mode 0646\)"),
+    (0o644, {"exporter_token": "fleet-secret"}, r"holds a secret .* readable by every user"),
+    (0o644, {"prometheus": {"url": "http://127.0.0.1:9", "job": "p", "token": "t"}},
+     r"holds a secret"),
+    (0o644, {"file_sd": [{"files": "x/*.yml", "token": "t"}]}, r"holds a secret"),
+])
+def test_a_config_file_others_could_change_or_read_is_refused(
+        reachable_dir: Path, mode: int, extra: dict, problem: str) -> None:
+    path = reachable_dir / "query.yml"
+    path.write_text(config_text(**extra))
+    path.chmod(mode)
+    with pytest.raises(ConfigError, match=problem) as caught:
+        load(path)
+    assert str(path) in str(caught.value) and "--allow-insecure-config" in str(caught.value)
+    assert "fleet-secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("mode", "extra"), [
+    (0o644, {}),  # no token in it: others may read it
+    (0o640, {"exporter_token": "fleet-secret"}),  # root:procfleet 0640, as deployed
+    (0o600, {"exporter_token": "fleet-secret"}),
+])
+def test_a_config_file_kept_as_deployed_loads(reachable_dir: Path, mode: int, extra: dict
+                                              ) -> None:
+    path = reachable_dir / "query.yml"
+    path.write_text(config_text(**extra))
+    path.chmod(mode)
+    assert load(path).exporters[0].hostname == "web-01"
+
+
+def test_a_secret_behind_a_closed_directory_is_not_readable(tmp_path: Path) -> None:
+    # pytest's tmp directories are 0700: others cannot reach a 0644 file inside.
+    path = tmp_path / "query.yml"
+    path.write_text(config_text(exporter_token="fleet-secret"))
+    path.chmod(0o644)
+    assert load(path).exporter_token == "fleet-secret"
+
+
+def test_allow_insecure_config_loads_with_a_warning(reachable_dir: Path, caplog) -> None:
+    path = reachable_dir / "query.yml"
+    path.write_text(config_text(exporter_token="fleet-secret"))
+    path.chmod(0o666)
+    assert load(path, allow_insecure=True).exporter_token == "fleet-secret"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("INSECURE configuration" in m and "writable by every user" in m for m in warned)
+    assert any("readable by every user" in m for m in warned)
+
+
+def test_the_command_line_refuses_an_insecure_config(reachable_dir: Path) -> None:
+    path = reachable_dir / "query.yml"
+    path.write_text(config_text())
+    path.chmod(0o666)
+    result = subprocess.run([sys.executable, "-m", "query", "--config", str(path), "--listen",
+                             f"127.0.0.1:{free_port()}"], capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert f"{path}: writable by every user (mode 0666)" in result.stderr
+    assert "Traceback" not in result.stderr
