@@ -4,6 +4,7 @@ scope."""
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import os
@@ -19,7 +20,8 @@ from typing import Any
 
 import pytest
 import yaml
-from query_testing import make_config
+from aiohttp import web
+from query_testing import KNOWN_PID, PROCESS, make_config
 
 from procfleet.configcheck import ConfigError
 from procfleet.testing import free_port
@@ -257,3 +259,112 @@ def test_the_command_line_refuses_an_insecure_config(reachable_dir: Path) -> Non
     assert result.returncode == 2
     assert f"{path}: writable by every user (mode 0666)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- which exporters get which token -------------------------------------------------------
+
+@dataclass
+class RecordingExporter:
+    """A real asyncio (aiohttp) exporter on 127.0.0.1 that notes each call's Authorization."""
+
+    address: str = ""
+    seen: list[tuple[str, str | None]] = field(default_factory=list)  # (Host, Authorization)
+
+
+@pytest.fixture
+def recording_exporter() -> Iterator[RecordingExporter]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    recorder = RecordingExporter()
+
+    async def process(request: web.Request) -> web.Response:
+        recorder.seen.append((request.path, request.headers.get("Authorization")))
+        return web.json_response(PROCESS)
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_get("/process/{pid}", process)
+        runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    recorder.address = f"127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield recorder
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
+
+
+def tokens_received(recording_exporter: RecordingExporter, prometheus: Recorder,
+                    tmp_path: Path, make_client, config: dict[str, Any]
+                    ) -> dict[str, str | None]:
+    """Ask the exporter of each source for a pid; the Authorization each call carried.
+
+    All four exporters are the one recording server: static-01 (static), from-a and from-b
+    (file_sd files a/ and b/) and from-prometheus (the active target of a Prometheus job).
+    """
+    address = recording_exporter.address
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_targets(tmp_path / "a" / "a.yml", "from-a", address)
+    write_targets(tmp_path / "b" / "b.yml", "from-b", address)
+    prometheus.body = json.dumps({"status": "success", "data": {"activeTargets": [
+        {"labels": {"instance": address, "job": "procfleet", "hostname": "from-prometheus"},
+         "scrapePool": "procfleet", "scrapeUrl": f"http://{address}/metrics"}]}}).encode()
+    settings = {"exporter_token": "fleet-token", "file_sd": ["{a}", "{b}"],
+                "prometheus": {"url": "{prometheus}", "job": "procfleet"}, **config}
+    text = json.dumps(settings)
+    for name, value in (("{a}", str(tmp_path / "a" / "*.yml")),
+                        ("{b}", str(tmp_path / "b" / "*.yml")),
+                        ("{prometheus}", prometheus.url),
+                        ("{port}", address.rsplit(":", 1)[1])):
+        text = text.replace(name, value)
+    settings = json.loads(text)
+    client = make_client(make_config([{"hostname": "static-01", "url": f"http://{address}"}],
+                                     **settings))
+    received: dict[str, str | None] = {}
+    for hostname in ("static-01", "from-a", "from-b", "from-prometheus"):
+        recording_exporter.seen.clear()
+        result = client.simulate_get(f"/node/{hostname}/process/{KNOWN_PID}")
+        assert result.status_code == 200, result.text
+        assert len(recording_exporter.seen) == 1
+        received[hostname] = recording_exporter.seen[0][1]
+    return received
+
+
+FLEET = "Bearer fleet-token"
+ALL_SOURCES = ["static", "file_sd", "prometheus"]
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    # By default only static exporters get the fleet-wide token.
+    ({}, {"static-01": FLEET, "from-a": None, "from-b": None, "from-prometheus": None}),
+    ({"exporter_token_scope": {"sources": ["static", "file_sd"]}},
+     {"static-01": FLEET, "from-a": FLEET, "from-b": FLEET, "from-prometheus": None}),
+    ({"exporter_token_scope": {"sources": ["prometheus"]}},
+     {"static-01": None, "from-a": None, "from-b": None, "from-prometheus": FLEET}),
+    # A token per file_sd entry and for the prometheus source; entry a has none.
+    ({"file_sd": ["{a}", {"files": ["{b}"], "token": "b-token"}],
+      "prometheus": {"url": "{prometheus}", "job": "procfleet", "token": "p-token"}},
+     {"static-01": FLEET, "from-a": None, "from-b": "Bearer b-token",
+      "from-prometheus": "Bearer p-token"}),
+    # URL origins narrow the sources' scope: the port must match (default 80 for http).
+    ({"exporter_token_scope": {"sources": ALL_SOURCES, "urls": ["http://127.0.*"]}},
+     {"static-01": None, "from-a": None, "from-b": None, "from-prometheus": None}),
+    ({"exporter_token_scope": {"sources": ["static", "file_sd"],
+                               "urls": ["http://127.0.*:{port}"]}},
+     {"static-01": FLEET, "from-a": FLEET, "from-b": FLEET, "from-prometheus": None}),
+    ({"exporter_token_scope": {"sources": ALL_SOURCES, "urls": ["http://localhost:{port}"]}},
+     {"static-01": None, "from-a": None, "from-b": None, "from-prometheus": None}),
+])
+def test_each_exporter_gets_only_the_token_in_its_scope(
+        recording_exporter, recorders, tmp_path, make_client, config, expected) -> None:
+    prometheus, _ = recorders
+    assert tokens_received(recording_exporter, prometheus, tmp_path, make_client,
+                           config) == expected
