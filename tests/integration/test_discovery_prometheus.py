@@ -85,8 +85,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, exporters: list[Exporter],
         "timeouts": {"exporter": 2.0, "request": 5.0},
         "exporter_token": exporter_token,
         "auth": {"enabled": True, "api_keys": [key_entry, node_entry]},
+        # The fleet-wide token goes to static exporters only; this job's get it as its own.
         "prometheus": {"url": prometheus_url, "job": JOB, "refresh_interval": 1,
-                       "timeout": 5},
+                       "timeout": 5, "token": exporter_token},
     }
     (tmp / "query.yml").write_text(yaml.safe_dump(query_config))
     with ExitStack() as started:
