@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default {query_config.DEFAULT_LISTEN})")
     parser.add_argument("--allow-unauthenticated-nonloopback", action="store_true",
                         help="serve on a non-loopback address even when auth is disabled")
+    parser.add_argument("--allow-insecure-config", action="store_true",
+                        help="load a --config file that users other than root and this "
+                             "service's user could change (or, holding a token, read), "
+                             "with a warning; refused otherwise")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     keygen = commands.add_parser(
         "keygen", help="print a new API key once and the configuration lines for it",
@@ -80,8 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     try:
-        config = (query_config.load(args.config) if args.config
-                  else query_config.default_config())
+        config = (query_config.load(args.config, allow_insecure=args.allow_insecure_config)
+                  if args.config else query_config.default_config())
     except ConfigError as exc:
         return _fail(str(exc))
     setup_logging(config.log_level)
@@ -105,9 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("configuration loaded", extra={"fields": {
         "source": config.source, "exporters": len(discovery.fleet.exporters),
         "auth": "on" if config.auth.enabled else "off"}})
-    config_path = args.config
-    discovery.start(load_config=(lambda: query_config.load(config_path)) if config_path
-                    else None)
+    config_path, allow_insecure = args.config, args.allow_insecure_config
+    discovery.start(load_config=(lambda: query_config.load(
+        config_path, allow_insecure=allow_insecure)) if config_path else None)
     # The handler only sets a flag; the discovery thread does the work, off every request.
     signal.signal(signal.SIGHUP, lambda signum, frame: discovery.request_reload())
     try:

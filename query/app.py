@@ -6,7 +6,9 @@ Routes (see openapi.json for the shapes):
     GET /node/{hostname}/process         each targeted exporter's process list   process:read
     GET /node                            known exporters, labels, last-seen health  node:read
     GET /sd                              the exporters in Prometheus http_sd format  node:read
-    GET /healthz, /metrics, /openapi.json                                        public
+    GET /metrics                         the service's own metrics    node:read, or public
+                                         with auth.protect_metrics: false
+    GET /healthz, /openapi.json                                                  public
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ from query import metrics as query_metrics
 from query import openapi
 from query.auth import PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
 from query.config import Config
-from query.discovery import Discovery, http_sd
+from query.discovery import Discovery
 from query.fanout import Fanout
 from query.lookup import Answer, Lookup
 from query.metrics import Metrics
+from query.sd import ServiceDiscoveryResource
 from query.targets import Target, TargetError, parse_target, resolve
 
 log = logging.getLogger("query.app")
@@ -68,7 +71,8 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
     app.add_route("/node", NodesResource(discovery))
     app.add_route("/sd", ServiceDiscoveryResource(discovery))
     app.add_route("/healthz", HealthResource(discovery))
-    app.add_route("/metrics", MetricsResource(metrics))
+    app.add_route("/metrics", MetricsResource(
+        metrics, permission="node:read" if config.auth.protect_metrics else PUBLIC))
     app.add_route("/openapi.json", OpenAPIResource())
     app.add_sink(NotFoundSink(authenticator), prefix="/")
     return app
@@ -202,7 +206,7 @@ class NodesResource:
         resp.media = {"exporters": [self._describe(e) for e in exporters]}
 
     def _describe(self, exporter: Any) -> dict[str, Any]:
-        health = self.discovery.health(exporter.hostname)
+        health = self.discovery.health.get(exporter.hostname)
         described: dict[str, Any] = {"status": health.status}
         for key, value in (("last_checked", _maybe_rfc3339(health.last_checked)),
                            ("last_seen", _maybe_rfc3339(health.last_seen)),
@@ -212,18 +216,6 @@ class NodesResource:
         return {"hostname": exporter.hostname, "url": exporter.url,
                 "labels": dict(exporter.labels), "maintenance": exporter.maintenance,
                 "source": exporter.source, "health": described}
-
-
-class ServiceDiscoveryResource:
-    """`GET /sd`: the known exporters as Prometheus `http_sd` target groups."""
-
-    permission = "node:read"
-
-    def __init__(self, discovery: Discovery) -> None:
-        self.discovery = discovery
-
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = http_sd(self.discovery.fleet.exporters)
 
 
 class HealthResource:
@@ -240,12 +232,15 @@ class HealthResource:
 
 
 class MetricsResource:
-    """`GET /metrics`: the query service's own metrics in Prometheus text format."""
+    """`GET /metrics`: the query service's own metrics in Prometheus text format.
 
-    permission = PUBLIC
+    Its series name every exporter (failures by exporter), which `/node` keeps behind
+    node:read; so does this, unless `auth.protect_metrics` is false.
+    """
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, *, permission: str = "node:read") -> None:
         self.metrics = metrics
+        self.permission = permission
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = query_metrics.CONTENT_TYPE

@@ -5,18 +5,23 @@
     log_level: info
     timeouts: {exporter: 2.0, request: 5.0}        # seconds
     fanout: {max_in_flight: 256, max_body_bytes: 1048576, max_list_body_bytes: 16777216}
-    exporter_token: "<token>"                       # default bearer token for the exporters
+    exporter_token: "<token>"                       # the fleet-wide exporter bearer token
+    exporter_token_scope: {sources: [static],       # who gets it: these sources' exporters,
+                           urls: ["https://*.prod.example.net:9256"]}   # only these origins
     auth:
       enabled: true
+      protect_metrics: true                         # /metrics needs node:read (else open)
       api_keys:
         - {name: grafana, sha256: "<hex>", permissions: [process:read]}
     exporters:                                      # static discovery
       - {hostname: web-01, url: "http://10.0.0.1:9256", labels: {group: web.prod},
          maintenance: false, token: "<token>"}
-    file_sd: ["/etc/prometheus/targets/*.yml"]      # Prometheus file_sd files (globs)
-    prometheus: {url: "http://127.0.0.1:9090", job: procfleet,
+    file_sd: ["/etc/prometheus/targets/*.yml",      # Prometheus file_sd files (globs)
+              {files: ["/etc/procfleet/sd/*.yml"], token: "<token>"}]   # with their token
+    prometheus: {url: "http://127.0.0.1:9090", job: procfleet, token: "<token>",
                  refresh_interval: 30, timeout: 5}   # a Prometheus job's active targets
-    discovery: {refresh_interval: 5}                # seconds between file_sd checks
+    discovery: {refresh_interval: 5,                # seconds between file_sd checks
+                allow_insecure_files: false}        # load files others may write (warns)
 
 A relative `file_sd` pattern is relative to the configuration file's directory, as in
 Prometheus.
@@ -27,6 +32,7 @@ host's name, authentication off (the command line then refuses non-loopback addr
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 from collections.abc import Mapping
@@ -36,6 +42,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from procfleet import filetrust
 from procfleet.configcheck import ConfigError, Problems, read_yaml
 from procfleet.serve import ListenError, parse_listen
 from query.targets import is_hostname, is_label_key, is_label_value
@@ -46,8 +53,11 @@ DEFAULT_EXPORTER_URL = "http://127.0.0.1:9256"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 FILE_SD_SUFFIXES = (".json", ".yml", ".yaml")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 __all__ = ["ConfigError", "Config", "load", "default_config"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,10 +88,15 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class Auth:
-    """Whether API keys are required, and which ones exist."""
+    """Whether API keys are required, and which ones exist.
+
+    `protect_metrics` (as the exporter's key of that name): with auth enabled, `/metrics`
+    needs a key with `node:read`, because its series name every exporter as `/node` does.
+    """
 
     enabled: bool = True
     api_keys: tuple[ApiKey, ...] = ()
+    protect_metrics: bool = True
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,53 @@ class ExporterEntry:
 
 
 @dataclass(frozen=True)
+class FileSDEntry:
+    """One `file_sd:` entry: its glob patterns, and the token its exporters get (if any)."""
+
+    files: tuple[str, ...]
+    token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class OriginPattern:
+    """An `exporter_token_scope.urls` pattern: `scheme://host[:port]`, `*` in the host.
+
+    `*` stands for any run of letters, digits, `-`, `_` and `.`, so it never reaches past
+    the host into a port, a path or credentials; the port defaults to the scheme's.
+    """
+
+    text: str
+    scheme: str
+    host: re.Pattern[str] = field(compare=False)
+    port: int
+
+    def matches(self, url: str) -> bool:
+        try:
+            parts = urlsplit(url)
+            port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+        except ValueError:
+            return False
+        return (parts.scheme == self.scheme and port == self.port
+                and self.host.fullmatch(parts.hostname or "") is not None)
+
+
+@dataclass(frozen=True)
+class TokenScope:
+    """`exporter_token_scope:`: which exporters the fleet-wide `exporter_token` is sent to.
+
+    Those of the listed sources, and, when `urls` are given, only those whose URL's origin
+    matches one. A token of the exporter's own or of its source's beats it.
+    """
+
+    sources: frozenset[str] = frozenset({"static"})
+    urls: tuple[OriginPattern, ...] = ()
+
+    def covers(self, source: str, url: str) -> bool:
+        return source in self.sources and (
+            not self.urls or any(pattern.matches(url) for pattern in self.urls))
+
+
+@dataclass(frozen=True)
 class PrometheusSD:
     """`prometheus:`: discover the active targets of one scrape job of a Prometheus server."""
 
@@ -103,13 +165,16 @@ class PrometheusSD:
     job: str
     refresh_interval: float = 30.0  # seconds between two reads of /api/v1/targets
     timeout: float = 5.0  # seconds, for the whole HTTP call
+    token: str | None = field(default=None, repr=False)  # for the exporters it names
 
 
 @dataclass(frozen=True)
 class DiscoverySettings:
-    """`discovery:`: how often file_sd files are checked for changes (their mtimes)."""
+    """`discovery:`: how often file_sd files are checked for changes (their mtimes), and
+    whether files other users could change are loaded anyway (with a warning each time)."""
 
     refresh_interval: float = 5.0
+    allow_insecure_files: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,12 +187,31 @@ class Config:
     timeouts: Timeouts = Timeouts()
     fanout: FanoutLimits = FanoutLimits()
     exporter_token: str | None = field(default=None, repr=False)
+    exporter_token_scope: TokenScope = TokenScope()
     auth: Auth = Auth()
     exporters: tuple[ExporterEntry, ...] = ()
-    file_sd: tuple[str, ...] = ()
+    file_sd: tuple[FileSDEntry, ...] = ()
     prometheus: PrometheusSD | None = None
     discovery: DiscoverySettings = DiscoverySettings()
     source: str = "built-in defaults"
+
+    @property
+    def holds_secrets(self) -> bool:
+        """Whether the configuration names an exporter token (API keys are only hashes)."""
+        return (self.exporter_token is not None or any(e.token for e in self.exporters)
+                or any(e.token for e in self.file_sd)
+                or (self.prometheus is not None and self.prometheus.token is not None))
+
+    def exporter_token_for(self, source: str, url: str, own: str | None = None
+                           ) -> str | None:
+        """The token sent to an exporter of `source` at `url`: its own (`own`: of the
+        exporter or of its source), else the fleet-wide one if `exporter_token_scope`
+        covers it, else none."""
+        if own is not None:
+            return own
+        if self.exporter_token is not None and self.exporter_token_scope.covers(source, url):
+            return self.exporter_token
+        return None
 
 
 def default_config() -> Config:
@@ -141,13 +225,33 @@ def default_config() -> Config:
     )
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate a YAML file, raising ConfigError listing every problem."""
-    return parse(read_yaml(path), source=str(path), base_dir=Path(path).parent)
+def load(path: str | Path, *, allow_insecure: bool = False) -> Config:
+    """Read and validate a YAML file, raising ConfigError listing every problem.
+
+    The file decides where the exporter token goes, so it is refused when users other than
+    root and this service's user could change it, and, when it holds a token, when every
+    user could read it (`procfleet.filetrust`). `allow_insecure` (the command line's
+    --allow-insecure-config: the file cannot vouch for itself) loads it with a warning.
+    """
+    source = str(path)
+    data = read_yaml(path)
+    problems = filetrust.write_problems(source)
+    config = parse(data, source=source, base_dir=Path(path).parent)
+    if config.holds_secrets:
+        problems += filetrust.read_problems(source)
+    if problems and not allow_insecure:
+        raise ConfigError(source, [*problems, "refused: other users could change or read "
+                                   "this file (--allow-insecure-config loads it anyway)"])
+    for problem in problems:
+        # The message carries the problem too: at start this comes before logging is set up.
+        log.warning("INSECURE configuration file loaded (--allow-insecure-config): %s",
+                    problem, extra={"fields": {"file": source}})
+    return config
 
 
-_TOP_KEYS = {"listen", "threads", "log_level", "timeouts", "fanout", "exporter_token", "auth",
-             "exporters", "file_sd", "prometheus", "discovery"}
+_TOP_KEYS = {"listen", "threads", "log_level", "timeouts", "fanout", "exporter_token",
+             "exporter_token_scope", "auth", "exporters", "file_sd", "prometheus", "discovery"}
+SOURCES = ("static", "file_sd", "prometheus")
 
 
 def parse(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
@@ -183,6 +287,7 @@ def parse(data: Any, *, source: str = "<config>", base_dir: Path | None = None) 
         timeouts=_timeouts(problems, data.get("timeouts")),
         fanout=_fanout(problems, data.get("fanout")),
         exporter_token=exporter_token,
+        exporter_token_scope=_token_scope(problems, data.get("exporter_token_scope")),
         auth=_auth(problems, data.get("auth")),
         exporters=_exporters(problems, data.get("exporters")),
         file_sd=_file_sd(problems, data.get("file_sd"), base_dir),
@@ -224,8 +329,9 @@ def _fanout(problems: Problems, raw: Any) -> FanoutLimits:
 
 def _auth(problems: Problems, raw: Any) -> Auth:
     data = problems.mapping(raw, "auth")
-    problems.unknown_keys(data, {"enabled", "api_keys"}, "auth")
+    problems.unknown_keys(data, {"enabled", "api_keys", "protect_metrics"}, "auth")
     enabled = problems.typed(data, "enabled", bool, True, "auth")
+    protect_metrics = problems.typed(data, "protect_metrics", bool, True, "auth")
     raw_keys = problems.typed(data, "api_keys", list, [], "auth")
     keys: list[ApiKey] = []
     names: dict[str, int] = {}
@@ -257,7 +363,7 @@ def _auth(problems: Problems, raw: Any) -> Auth:
     if enabled and not raw_keys and (raw is None or isinstance(raw, Mapping)):
         problems.add("auth.api_keys", "must list at least one key when auth.enabled is true "
                      "(make one with `procfleet-query keygen`)")
-    return Auth(enabled=enabled, api_keys=tuple(keys))
+    return Auth(enabled=enabled, api_keys=tuple(keys), protect_metrics=protect_metrics)
 
 
 def _permissions(problems: Problems, item: Mapping[str, Any], path: str) -> frozenset[str]:
@@ -309,28 +415,92 @@ def _exporters(problems: Problems, raw: Any) -> tuple[ExporterEntry, ...]:
     return tuple(entries)
 
 
-def _file_sd(problems: Problems, raw: Any, base_dir: Path | None) -> tuple[str, ...]:
+def _file_sd(problems: Problems, raw: Any, base_dir: Path | None) -> tuple[FileSDEntry, ...]:
+    """`file_sd:` entries: a pattern, or `{files: pattern or [patterns], token: ...}`."""
     if raw is None:
         return ()
-    if isinstance(raw, str):
+    if isinstance(raw, str | Mapping):
         raw = [raw]
     if not isinstance(raw, list):
         problems.add("file_sd", f"must be a list of file patterns, got {type(raw).__name__}")
         return ()
-    patterns: list[str] = []
-    for i, pattern in enumerate(raw):
+    entries: list[FileSDEntry] = []
+    seen: dict[str, str] = {}
+    for i, item in enumerate(raw):
         where = f"file_sd[{i}]"
-        if not isinstance(pattern, str) or not pattern.strip():
-            problems.add(where, "must be a non-empty file pattern such as "
-                         "/etc/prometheus/targets/*.yml")
-            continue
-        if not pattern.endswith(FILE_SD_SUFFIXES):
-            problems.add(where, f"{pattern!r} must end in .json, .yml or .yaml (the format)")
-            continue
-        if base_dir is not None and not Path(pattern).is_absolute():
-            pattern = str(base_dir / pattern)
-        patterns.append(pattern)
-    return tuple(dict.fromkeys(patterns))
+        token = None
+        if isinstance(item, Mapping):
+            problems.unknown_keys(item, {"files", "token"}, where)
+            token = _token(problems, item, "token", where)
+            files = item.get("files")
+            if isinstance(files, str):
+                files = [files]
+            if not isinstance(files, list) or not files:
+                problems.add(f"{where}.files", "is required: a file pattern or a list of them")
+                continue
+            named = [(f"{where}.files[{j}]", pattern) for j, pattern in enumerate(files)]
+        else:
+            named = [(where, item)]
+        patterns: list[str] = []
+        for at, pattern in named:
+            if not isinstance(pattern, str) or not pattern.strip():
+                problems.add(at, "must be a non-empty file pattern such as "
+                             "/etc/prometheus/targets/*.yml")
+                continue
+            if not pattern.endswith(FILE_SD_SUFFIXES):
+                problems.add(at, f"{pattern!r} must end in .json, .yml or .yaml (the format)")
+                continue
+            if base_dir is not None and not Path(pattern).is_absolute():
+                pattern = str(base_dir / pattern)
+            if pattern in seen:  # one file, one token: a pattern may not be in two entries
+                if seen[pattern] != at:
+                    problems.add(at, f"{pattern!r} is already {seen[pattern]}")
+                continue
+            seen[pattern] = at
+            patterns.append(pattern)
+        if patterns:
+            entries.append(FileSDEntry(files=tuple(patterns), token=token))
+    return tuple(entries)
+
+
+def _token_scope(problems: Problems, raw: Any) -> TokenScope:
+    path = "exporter_token_scope"
+    data = problems.mapping(raw, path)
+    problems.unknown_keys(data, {"sources", "urls"}, path)
+    sources = problems.typed(data, "sources", list, ["static"], path)
+    for j, source in enumerate(sources):
+        if source not in SOURCES:
+            problems.add(f"{path}.sources[{j}]", f"unknown source {source!r} (expected one "
+                         f"of: {', '.join(SOURCES)})")
+    patterns: list[OriginPattern] = []
+    for j, text in enumerate(problems.typed(data, "urls", list, [], path)):
+        pattern = _origin_pattern(text)
+        if isinstance(pattern, str):
+            problems.add(f"{path}.urls[{j}]", pattern)
+        else:
+            patterns.append(pattern)
+    return TokenScope(sources=frozenset(s for s in sources if s in SOURCES),
+                      urls=tuple(patterns))
+
+
+_HOST_GLOB_RE = re.compile(r"[A-Za-z0-9*._-]+")
+
+
+def _origin_pattern(text: Any) -> OriginPattern | str:
+    """The pattern, or what is wrong with it."""
+    usage = "must be scheme://host[:port] with '*' in the host, e.g. https://*.example.net:9256"
+    if not isinstance(text, str):
+        return f"{usage}, got {type(text).__name__}"
+    scheme, sep, rest = text.partition("://")
+    host, _, port_text = rest.partition(":")
+    if not sep or scheme not in _DEFAULT_PORTS or not _HOST_GLOB_RE.fullmatch(host):
+        return f"{usage}, got {text[:100]!r}"
+    if port_text and not (port_text.isascii() and port_text.isdigit()
+                          and 0 < int(port_text) < 65536):
+        return f"port must be 1 to 65535, got {port_text[:20]!r}"
+    regex = r"[A-Za-z0-9._-]*".join(re.escape(part) for part in host.split("*"))
+    return OriginPattern(text=text, scheme=scheme, host=re.compile(regex, re.IGNORECASE),
+                         port=int(port_text) if port_text else _DEFAULT_PORTS[scheme])
 
 
 def _prometheus(problems: Problems, raw: Any) -> PrometheusSD | None:
@@ -339,21 +509,26 @@ def _prometheus(problems: Problems, raw: Any) -> PrometheusSD | None:
     data = problems.mapping(raw, "prometheus")
     if not isinstance(raw, Mapping):
         return None
-    problems.unknown_keys(data, {"url", "job", "refresh_interval", "timeout"}, "prometheus")
+    problems.unknown_keys(data, {"url", "job", "refresh_interval", "timeout", "token"},
+                          "prometheus")
     url = _url(problems, data, "prometheus")
     job = problems.typed(data, "job", str, "", "prometheus")
     if not job:
         problems.add("prometheus.job", "is required: the job_name whose targets to use")
     refresh = problems.number(data, "refresh_interval", 30.0, "prometheus")
     timeout = problems.number(data, "timeout", 5.0, "prometheus")
-    return PrometheusSD(url=url, job=job, refresh_interval=refresh, timeout=timeout)
+    token = _token(problems, data, "token", "prometheus")
+    return PrometheusSD(url=url, job=job, refresh_interval=refresh, timeout=timeout,
+                        token=token)
 
 
 def _discovery(problems: Problems, raw: Any) -> DiscoverySettings:
     data = problems.mapping(raw, "discovery")
-    problems.unknown_keys(data, {"refresh_interval"}, "discovery")
+    problems.unknown_keys(data, {"refresh_interval", "allow_insecure_files"}, "discovery")
     return DiscoverySettings(
-        refresh_interval=problems.number(data, "refresh_interval", 5.0, "discovery"))
+        refresh_interval=problems.number(data, "refresh_interval", 5.0, "discovery"),
+        allow_insecure_files=problems.typed(data, "allow_insecure_files", bool, False,
+                                            "discovery"))
 
 
 def _url(problems: Problems, item: Mapping[str, Any], path: str) -> str:

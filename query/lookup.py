@@ -52,6 +52,7 @@ class Lookup:
                  limits: FanoutLimits | None = None,
                  observer: ResultObserver | None = None) -> None:
         self.discovery = discovery
+        self.health = discovery.health
         self.fanout = fanout
         self.limits = limits or FanoutLimits()
         self.observer = observer
@@ -86,12 +87,12 @@ class Lookup:
         """Last seen up first, then never asked, then down; random within each group."""
         rank = {"up": 0, "unknown": 1, "down": 2}
         random.shuffle(candidates)
-        return sorted(candidates, key=lambda e: rank[self.discovery.health(e.hostname).status])
+        return sorted(candidates, key=lambda e: rank[self.health.get(e.hostname).status])
 
     def _observe(self, results: Sequence[Result]) -> None:
         for result in results:
             if result.valid or result.failure:
-                self.discovery.record(result.hostname, result.valid, result.error)
+                self.health.record(result.hostname, result.valid, result.error)
         if self.observer is not None:
             self.observer.exporter_results(results)
 

@@ -85,8 +85,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, exporters: list[Exporter],
         "timeouts": {"exporter": 2.0, "request": 5.0},
         "exporter_token": exporter_token,
         "auth": {"enabled": True, "api_keys": [key_entry, node_entry]},
+        # The fleet-wide token goes to static exporters only; this job's get it as its own.
         "prometheus": {"url": prometheus_url, "job": JOB, "refresh_interval": 1,
-                       "timeout": 5},
+                       "timeout": 5, "token": exporter_token},
     }
     (tmp / "query.yml").write_text(yaml.safe_dump(query_config))
     with ExitStack() as started:
@@ -185,7 +186,8 @@ def test_prometheus_scrapes_the_exporters_that_sd_serves(stack: Stack,
 def test_prometheus_reloads_are_counted(stack: Stack) -> None:
     known(stack)
     with requests.Session() as session:
-        text = session.get(f"{stack.query.url}/metrics", timeout=10).text
+        text = session.get(f"{stack.query.url}/metrics", timeout=10,
+                           headers={"X-API-Key": stack.query.node_key}).text
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines()
                  if line.startswith("procfleet_query_discovery_"))
     assert float(lines['procfleet_query_discovery_reloads_total{result="success",'

@@ -53,6 +53,7 @@ def test_defaults_of_a_minimal_file() -> None:
     assert (config.timeouts.exporter, config.timeouts.request) == (2.0, 5.0)
     assert config.fanout.max_in_flight == 256
     assert config.auth.enabled and config.exporters == ()
+    assert config.auth.protect_metrics  # /metrics needs node:read unless said otherwise
 
 
 def test_built_in_default_is_this_host_on_loopback() -> None:
@@ -78,6 +79,34 @@ def test_built_in_default_is_this_host_on_loopback() -> None:
     ({"auth": {"api_keys": [KEY]}, "discovery": {"refresh_interval": "5s"}},
      "discovery.refresh_interval: must be an integer or a number"),
     ({"auth": {"api_keys": [KEY]}, "discovery": {"every": 5}}, "discovery.every: unknown key"),
+    ({"auth": {"api_keys": [KEY]}, "discovery": {"allow_insecure_files": "yes"}},
+     "discovery.allow_insecure_files: must be a boolean"),
+    ({"auth": {"api_keys": [KEY]}, "file_sd": [{"token": "t"}]},
+     "file_sd[0].files: is required"),
+    ({"auth": {"api_keys": [KEY]}, "file_sd": [{"files": ["a.yml", "b"], "token": "t"}]},
+     "file_sd[0].files[1]: 'b' must end in .json"),
+    ({"auth": {"api_keys": [KEY]}, "file_sd": [{"files": "a.yml", "token": "t u"}]},
+     "file_sd[0].token: must be a non-empty string without spaces"),
+    ({"auth": {"api_keys": [KEY]}, "file_sd": [{"files": "a.yml", "tokn": "t"}]},
+     "file_sd[0].tokn: unknown key"),
+    ({"auth": {"api_keys": [KEY]}, "file_sd": ["/a.yml", {"files": "/a.yml", "token": "t"}]},
+     "file_sd[1].files[0]: '/a.yml' is already file_sd[0]"),
+    ({"auth": {"api_keys": [KEY]}, "prometheus": {"url": "http://p", "job": "j", "token": ""}},
+     "prometheus.token: must be a non-empty string"),
+    ({"auth": {"api_keys": [KEY]}, "exporter_token_scope": {"sources": ["consul"]}},
+     "exporter_token_scope.sources[0]: unknown source 'consul'"),
+    ({"auth": {"api_keys": [KEY]}, "exporter_token_scope": {"sources": "static"}},
+     "exporter_token_scope.sources: must be a list"),
+    ({"auth": {"api_keys": [KEY]}, "exporter_token_scope": {"who": 1}},
+     "exporter_token_scope.who: unknown key"),
+    ({"auth": {"api_keys": [KEY]}, "exporter_token_scope": {"urls": ["ftp://x"]}},
+     "exporter_token_scope.urls[0]: must be scheme://host[:port]"),
+    ({"auth": {"api_keys": [KEY]}, "exporter_token_scope": {"urls": ["http://x/y"]}},
+     "exporter_token_scope.urls[0]: must be scheme://host[:port]"),
+    ({"auth": {"api_keys": [KEY]}, "exporter_token_scope": {"urls": ["http://u@x"]}},
+     "exporter_token_scope.urls[0]: must be scheme://host[:port]"),
+    ({"auth": {"api_keys": [KEY]}, "exporter_token_scope": {"urls": ["http://x:99999"]}},
+     "exporter_token_scope.urls[0]: port must be 1 to 65535"),
     ({"auth": {"api_keys": [KEY]}, "listen": "8080"}, "listen: listen address must be HOST:PORT"),
     ({"auth": {"api_keys": [KEY]}, "threads": 0}, "threads: must be 1 to 1024"),
     ({"auth": {"api_keys": [KEY]}, "log_level": "loud"}, "log_level: must be one of"),
@@ -91,6 +120,8 @@ def test_built_in_default_is_this_host_on_loopback() -> None:
      "fanout.max_in_flight: must be at least 1"),
     ({}, "auth.api_keys: must list at least one key when auth.enabled is true"),
     ({"auth": {"enabled": "no"}}, "auth.enabled: must be a boolean, got str"),
+    ({"auth": {"api_keys": [KEY], "protect_metrics": "no"}},
+     "auth.protect_metrics: must be a boolean, got str"),
     ({"auth": {"api_keys": [KEY, "x"]}}, "auth.api_keys[1]: must be a mapping"),
     ({"auth": {"api_keys": [{**KEY, "sha256": "abc"}]}},
      "auth.api_keys[0].sha256: must be 64 hexadecimal digits"),
@@ -165,7 +196,31 @@ def test_unreadable_and_invalid_yaml(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("name", ["query.yml", "query-fleet-example.yml"])
-def test_shipped_config_files_load(name: str) -> None:
-    path = Path(__file__).resolve().parents[2] / "config" / name
+def test_shipped_config_files_load(name: str, tmp_path: Path) -> None:
+    # Installed as the deployment guide says: readable by the owner only (one holds a token).
+    path = tmp_path / name
+    path.write_bytes((Path(__file__).resolve().parents[2] / "config" / name).read_bytes())
+    path.chmod(0o600)
     config = load(path)
     assert config.auth.enabled and config.exporters
+
+
+@pytest.mark.parametrize(("pattern", "url", "matches"), [
+    ("https://*.prod.example.net", "https://web-01.prod.example.net", True),
+    ("https://*.prod.example.net", "https://web-01.prod.example.net:443/procfleet", True),
+    ("https://*.prod.example.net", "http://web-01.prod.example.net:443", False),
+    ("https://*.prod.example.net", "https://web-01.prod.example.net:9256", False),
+    ("https://*.prod.example.net:9256", "https://WEB-01.Prod.Example.Net:9256", True),
+    ("https://*.prod.example.net", "https://prod.example.net", False),
+    ("https://*.prod.example.net", "https://evil.net/x.prod.example.net", False),
+    ("http://*.example.net:9256", "http://evil.com:80/a.example.net:9256", False),
+    ("http://10.0.*:9256", "http://10.0.3.17:9256", True),
+])
+def test_token_scope_url_patterns_match_origins_only(pattern: str, url: str, matches: bool
+                                                     ) -> None:
+    config = parse({"auth": {"enabled": False}, "exporter_token": "t",
+                    "exporter_token_scope": {"urls": [pattern]}})
+    assert config.exporter_token_scope.covers("static", url) is matches
+    assert (config.exporter_token_for("static", url) == "t") is matches
+    assert config.exporter_token_for("file_sd", url) is None  # not a source in scope
+    assert config.exporter_token_for("file_sd", url, "own") == "own"

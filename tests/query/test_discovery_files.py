@@ -12,7 +12,8 @@ import pytest
 import yaml
 from query_testing import make_config
 
-from query.discovery import Discovery, DiscoveryError, read_file_sd
+from query.discovery import Discovery, DiscoveryError
+from query.sources import read_file_sd
 
 WEB = [{"targets": ["10.0.0.1:9256", "web-02.example.net:9256"], "labels": {"group": "web.prod"}},
        {"targets": ["10.0.3.17:9256"],
@@ -67,7 +68,7 @@ def test_relative_patterns_are_relative_to_the_config_file(tmp_path) -> None:
                                         "file_sd: [targets/*.yaml]\n")
     from query.config import load
     config = load(tmp_path / "query.yml")
-    assert config.file_sd == (str(tmp_path / "targets" / "*.yaml"),)
+    assert config.file_sd[0].files == (str(tmp_path / "targets" / "*.yaml"),)
     assert hostnames(Discovery.from_config(config)) == ["10.1.1.1"]
 
 
@@ -176,12 +177,12 @@ def test_health_of_exporters_that_left_is_forgotten(tmp_path) -> None:
     path = tmp_path / "a.yml"
     write(path, "- targets: ['10.0.0.1:9256', '10.0.0.2:9256']\n")
     discovery = Discovery.from_config(files_config(str(tmp_path / "*.yml")))
-    discovery.record("10.0.0.2", valid=True, error=None)
-    discovery.record("10.0.0.1", valid=False, error="connection refused")
+    discovery.health.record("10.0.0.2", valid=True, error=None)
+    discovery.health.record("10.0.0.1", valid=False, error="connection refused")
     write(path, "- targets: ['10.0.0.1:9256']\n")
     assert discovery.refresh(force=False)
-    assert discovery.health("10.0.0.1").last_error == "connection refused"
-    assert discovery.health("10.0.0.2").status == "unknown"
+    assert discovery.health.get("10.0.0.1").last_error == "connection refused"
+    assert discovery.health.get("10.0.0.2").status == "unknown"
 
 
 def test_background_thread_picks_up_changes_without_a_request(tmp_path) -> None:

@@ -19,7 +19,8 @@ from query_testing import make_config
 
 from procfleet.testing import free_port
 from query.config import PrometheusSD
-from query.discovery import Discovery, DiscoveryError, PrometheusSource
+from query.discovery import Discovery, DiscoveryError
+from query.sources import PrometheusSource
 
 
 def target(address: str, *, job: str = "procfleet", scheme: str = "http",
@@ -85,6 +86,7 @@ def prometheus_api() -> Iterator[FakePrometheus]:
 
 def prometheus_config(url: str, exporters: list | None = None, **settings: Any):
     return make_config(exporters or [], exporter_token="exp-token",
+                       exporter_token_scope={"sources": ["static", "prometheus"]},
                        prometheus={"url": url, "job": "procfleet", **settings})
 
 

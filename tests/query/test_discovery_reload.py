@@ -44,7 +44,7 @@ def nodes(service: Service) -> list[str]:
 
 
 def metric(service: Service, line_start: str) -> float | None:
-    _, _, body = service.get("/metrics")
+    _, _, body = service.get("/metrics", {"X-API-Key": NODE_KEY})
     for line in body.decode().splitlines():
         if line.startswith(line_start + " "):
             return float(line.rsplit(" ", 1)[1])

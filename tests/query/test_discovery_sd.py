@@ -7,8 +7,9 @@ from query_testing import make_config
 
 from query.app import create_app
 from query.auth import key_hash
-from query.discovery import Discovery, Exporter, http_sd
+from query.discovery import Discovery, Exporter
 from query.fanout import Fanout
+from query.sd import http_sd
 
 NODE_KEY = "node-reader-key"
 PROCESS_KEY = "process-reader-key"
