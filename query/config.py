@@ -27,7 +27,6 @@ host's name, authentication off (the command line then refuses non-loopback addr
 
 from __future__ import annotations
 
-import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,15 +35,15 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from procfleet.configcheck import ConfigError, Problems, read_yaml
+from procfleet.configcheck import ConfigError, Problems, is_sha256_hex, read_yaml
+from procfleet.hostnames import hostname_problem, is_hostname
+from procfleet.logs import LOG_LEVELS
 from procfleet.serve import ListenError, parse_listen
-from query.targets import is_hostname, is_label_key, is_label_value
+from query.targets import is_label_key, is_label_value
 
 PERMISSIONS = ("process:read", "node:read")
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_EXPORTER_URL = "http://127.0.0.1:9256"
-LOG_LEVELS = ("debug", "info", "warning", "error")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 FILE_SD_SUFFIXES = (".json", ".yml", ".yaml")
 
 __all__ = ["ConfigError", "Config", "load", "default_config"]
@@ -246,7 +245,7 @@ def _auth(problems: Problems, raw: Any) -> Auth:
         digest = problems.typed(item, "sha256", str, "", path).lower()
         if not digest:
             problems.add(f"{path}.sha256", "is required (make one with `procfleet-query keygen`)")
-        elif not _SHA256_RE.fullmatch(digest):
+        elif not is_sha256_hex(digest):
             problems.add(f"{path}.sha256", "must be 64 hexadecimal digits")
         elif digest in hashes:
             problems.add(f"{path}.sha256", f"same key as auth.api_keys[{hashes[digest]}]")
@@ -293,9 +292,8 @@ def _exporters(problems: Problems, raw: Any) -> tuple[ExporterEntry, ...]:
         hostname = problems.typed(item, "hostname", str, "", path)
         if not hostname:
             problems.add(f"{path}.hostname", "is required")
-        elif not is_hostname(hostname):
-            problems.add(f"{path}.hostname", f"{hostname!r} is not a hostname: letters, digits, "
-                         "'-', '_' and '.', not beginning with '_'")
+        elif (why := hostname_problem(hostname)) is not None:
+            problems.add(f"{path}.hostname", why)
         elif hostname in seen:
             problems.add(f"{path}.hostname", f"{hostname!r} is already exporters[{seen[hostname]}]")
         else:
