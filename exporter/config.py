@@ -88,13 +88,8 @@ def from_mapping(raw: Any, *, source: str = "<config>") -> Config:
     if why is not None:
         problems.add("hostname", why)
 
-    reader = problems.typed(data, "reader", str, "auto", "")
-    if reader not in ("auto", "procfs", "psutil"):
-        problems.add("reader", f"must be auto, procfs or psutil, got {reader!r}")
-
-    log_level = problems.typed(data, "log_level", str, "info", "")
-    if log_level not in LOG_LEVELS:
-        problems.add("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    reader = problems.one_of(data, "reader", ("auto", "procfs", "psutil"), "auto", "")
+    log_level = problems.one_of(data, "log_level", LOG_LEVELS, "info", "")
 
     auth = _auth(problems.mapping(data.get("auth"), "auth"), problems)
     masker = _masking(problems.mapping(data.get("masking"), "masking"), problems)

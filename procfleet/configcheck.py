@@ -97,6 +97,16 @@ class Problems:
             return default
         return value
 
+    def one_of(self, data: Mapping[str, Any], key: str, choices: tuple[str, ...], default: str,
+               path: str) -> str:
+        """data[key] when it is one of `choices`, else note it (listing them) and default."""
+        value = self.typed(data, key, str, default, path)
+        if value not in choices:
+            self.add(f"{path}.{key}" if path else key,
+                     f"must be one of {', '.join(choices)}, got {value!r}")
+            return default
+        return value
+
     def number(self, data: Mapping[str, Any], key: str, default: float, path: str,
                *, minimum: float = 0.0, exclusive: bool = True) -> float:
         value = self.typed(data, key, (int, float), default, path)

@@ -170,9 +170,7 @@ def parse(data: Any, *, source: str = "<config>", base_dir: Path | None = None) 
     threads = problems.typed(data, "threads", int, 16, "")
     if not 1 <= threads <= 1024:
         problems.add("threads", f"must be 1 to 1024, got {threads}")
-    log_level = problems.typed(data, "log_level", str, "info", "")
-    if log_level not in LOG_LEVELS:
-        problems.add("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    log_level = problems.one_of(data, "log_level", LOG_LEVELS, "info", "")
     exporter_token = _token(problems, data, "exporter_token", "")
 
     config = Config(
