@@ -267,3 +267,16 @@ def test_list_filters_are_refused_alike(service: str, clients: dict[str, Any]) -
                              ("user=", "user must be 1 to 256 characters")]:
         body = _bad_request(clients[service].simulate_get(path, query_string=query))
         assert complaint in body["details"]
+
+
+# -- SHA-256 digests and log levels ------------------------------------------------------
+
+def test_both_services_take_a_sha256_in_either_case() -> None:
+    from exporter.config import from_mapping
+
+    digest = "AB" * 32
+    exporter_config = from_mapping({"auth": {"token_sha256": digest}})
+    assert exporter_config.auth.token_sha256 == digest.lower()
+    query_config = parse_query_config({"auth": {"enabled": True, "api_keys": [
+        {"name": "k", "sha256": digest, "permissions": ["process:read"]}]}})
+    assert query_config.auth.api_keys[0].sha256 == digest.lower()
