@@ -10,7 +10,8 @@ import sys
 
 from procfleet import __version__
 from procfleet.configcheck import ConfigError
-from procfleet.logs import setup_logging
+from procfleet.hostnames import hostname_problem
+from procfleet.logs import LOG_LEVELS, setup_logging
 from procfleet.serve import ListenError, is_loopback, parse_listen, raise_file_limit, serve
 
 log = logging.getLogger("procfleet.exporter")
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "command lines are sensitive)")
     parser.add_argument("--hostname", metavar="NAME",
                         help="host name this exporter reports (default: the system's)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+    parser.add_argument("--log-level", choices=LOG_LEVELS,
                         help="log verbosity (default: info, or log_level from the file)")
     parser.add_argument("--allow-unauthenticated-nonloopback", action="store_true",
                         help="serve on a non-loopback address without a token (command lines "
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported here so `--help` and `token` work even where psutil cannot load.
     from exporter.app import create_app
-    from exporter.config import Config, load, valid_hostname
+    from exporter.config import Config, load
 
     try:
         config = load(args.config) if args.config else Config()
@@ -79,11 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ListenError) as exc:
         print(f"procfleet-exporter: {exc}", file=sys.stderr)
         return 2
-    if args.hostname is not None:
-        if not valid_hostname(args.hostname):
-            print("procfleet-exporter: --hostname must be letters, digits, '-', '_' and '.'",
-                  file=sys.stderr)
-            return 2
+    why = hostname_problem(args.hostname) if args.hostname is not None else None
+    if why is not None:
+        print(f"procfleet-exporter: --hostname {why}", file=sys.stderr)
+        return 2
     config = config.with_overrides(listen=listen, hostname=args.hostname)
     host, port = config.listen
     if (not config.auth.enabled and not is_loopback(host)

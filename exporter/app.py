@@ -14,16 +14,12 @@ from prometheus_client.exposition import choose_encoder
 
 from exporter.collector import ProcessCollector
 from exporter.config import Config
-from exporter.lookup import ListQuery, ProcessLookup
+from exporter.lookup import ProcessLookup
 from exporter.procs import ProcessError, Reader, UserNames, make_reader
 from procfleet import __version__
-from procfleet.web import (
-    FILTER_MAX_LENGTH,
-    LIST_LIMIT_MAX,
-    SORT_KEYS,
-    install_error_handling,
-    pid_or_400,
-)
+from procfleet.params import LIST_PARAMS
+from procfleet.process import NOT_FOUND_ERROR
+from procfleet.web import QueryParamRule, install_error_handling, list_filters_or_400, pid_or_400
 
 log = logging.getLogger("procfleet.exporter")
 
@@ -81,7 +77,7 @@ class ProcessResource:
             info = self._lookup.get(number)
         except ProcessError:  # denied answers as gone: a pid we may not read is not shown
             raise falcon.HTTPNotFound(
-                title="process not found", description=f"no process with pid {number}"
+                title=NOT_FOUND_ERROR, description=f"no process with pid {number}"
             ) from None
         resp.media = info.to_json()
 
@@ -89,45 +85,15 @@ class ProcessResource:
 class ProcessListResource:
     """GET /process: every process, filtered and optionally sorted into a top-N."""
 
+    query_params = LIST_PARAMS
+
     def __init__(self, lookup: ProcessLookup, hostname: str) -> None:
         self._lookup = lookup
         self._hostname = hostname
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        query = parse_list_query(req)
-        found = self._lookup.list(query)
+        found = self._lookup.list(list_filters_or_400(req))
         resp.media = {"hostname": self._hostname, "processes": [p.to_json() for p in found]}
-
-
-def parse_list_query(req: falcon.Request) -> ListQuery:
-    """Validate ?name, ?user, ?sort and ?limit, naming the bad parameter in the 400."""
-    sort = req.get_param("sort")
-    if sort is not None and sort not in SORT_KEYS:
-        raise falcon.HTTPBadRequest(
-            title="invalid parameter",
-            description=f"sort must be one of {', '.join(SORT_KEYS)}, got {sort[:32]!r}",
-        )
-    limit_text = req.get_param("limit")
-    limit = None
-    if limit_text is not None:
-        if not limit_text.isdigit() or not limit_text.isascii() or not (
-            1 <= int(limit_text) <= LIST_LIMIT_MAX
-        ):
-            raise falcon.HTTPBadRequest(
-                title="invalid parameter",
-                description=f"limit must be an integer from 1 to {LIST_LIMIT_MAX}, "
-                            f"got {limit_text[:32]!r}",
-            )
-        limit = int(limit_text)
-    name = req.get_param("name")
-    user = req.get_param("user")
-    for key, value in (("name", name), ("user", user)):
-        if value is not None and (not value or len(value) > FILTER_MAX_LENGTH):
-            raise falcon.HTTPBadRequest(
-                title="invalid parameter",
-                description=f"{key} must be 1 to {FILTER_MAX_LENGTH} characters",
-            )
-    return ListQuery(name=name, user=user, sort=sort, limit=limit)
 
 
 class OpenApiResource:
@@ -168,10 +134,11 @@ def create_app(config: Config, *, reader: Reader | None = None,
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ProcessCollector(reader, config.groups, config.metrics,
                                            version=__version__, user_name=user_names))
-    middleware = []
+    middleware: list[object] = []
     if config.auth.enabled:
         middleware.append(TokenAuth(config.auth.token_sha256 or "",
                                     protect_metrics=config.auth.protect_metrics))
+    middleware.append(QueryParamRule())
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handling(app, log)

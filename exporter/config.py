@@ -10,13 +10,12 @@ from typing import Any
 
 from exporter.groups import GroupMatcher, parse_groups
 from exporter.masking import DEFAULT_PATTERNS, DEFAULT_SECRET_FLAGS, Masker, check_pattern
-from procfleet.configcheck import ConfigError, Problems, read_yaml
+from procfleet.configcheck import ConfigError, Problems, is_sha256_hex, read_yaml
+from procfleet.hostnames import hostname_problem
+from procfleet.logs import LOG_LEVELS
 from procfleet.serve import ListenError, parse_listen
 
 DEFAULT_LISTEN = "127.0.0.1:9256"
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 MAX_TOP_N = 1000
 _PER_PROCESS_BY = ("cpu", "memory")
@@ -111,8 +110,8 @@ class Config:
 
 
 def valid_hostname(name: str) -> bool:
-    """Host names as the query service's targets accept them: letters, digits, '-', '_', '.'."""
-    return bool(_HOSTNAME.fullmatch(name)) and len(name) <= 253
+    """Host names as the query service's targets accept them (procfleet.hostnames)."""
+    return hostname_problem(name) is None
 
 
 _TOP_KEYS = {"listen", "hostname", "reader", "log_level", "auth", "masking", "groups", "metrics"}
@@ -138,16 +137,12 @@ def from_mapping(raw: Any, *, source: str = "<config>") -> Config:
         problems.add("listen", str(exc))
 
     hostname = problems.typed(data, "hostname", str, None, "") or socket.gethostname()
-    if not valid_hostname(hostname):
-        problems.add("hostname", "must be letters, digits, '-', '_' and '.'")
+    why = hostname_problem(hostname)
+    if why is not None:
+        problems.add("hostname", why)
 
-    reader = problems.typed(data, "reader", str, "auto", "")
-    if reader not in ("auto", "procfs", "psutil"):
-        problems.add("reader", f"must be auto, procfs or psutil, got {reader!r}")
-
-    log_level = problems.typed(data, "log_level", str, "info", "")
-    if log_level not in _LOG_LEVELS:
-        problems.add("log_level", f"must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+    reader = problems.one_of(data, "reader", ("auto", "procfs", "psutil"), "auto", "")
+    log_level = problems.one_of(data, "log_level", LOG_LEVELS, "info", "")
 
     auth = _auth(problems.mapping(data.get("auth"), "auth"), problems)
     masker = _masking(problems.mapping(data.get("masking"), "masking"), problems)
@@ -162,9 +157,11 @@ def from_mapping(raw: Any, *, source: str = "<config>") -> Config:
 def _auth(data: Any, problems: Problems) -> AuthConfig:
     problems.unknown_keys(data, {"token_sha256", "protect_metrics"}, "auth")
     digest = problems.typed(data, "token_sha256", str, None, "auth")
-    if digest is not None and not _SHA256_HEX.fullmatch(digest):
-        problems.add("auth.token_sha256", "must be 64 lowercase hex digits (sha256 of the token)")
+    if digest is not None and not is_sha256_hex(digest):
+        problems.add("auth.token_sha256", "must be 64 hexadecimal digits (sha256 of the token)")
         digest = None
+    elif digest is not None:
+        digest = digest.lower()
     protect = problems.typed(data, "protect_metrics", bool, True, "auth")
     return AuthConfig(token_sha256=digest, protect_metrics=protect)
 

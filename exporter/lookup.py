@@ -5,9 +5,11 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-from exporter.procs import ProcessError, ProcessInfo, Reader, UserNames, to_info
+from exporter.info import to_info
+from exporter.procs import ProcessError, Reader, UserNames
+from procfleet.params import ListFilters
+from procfleet.process import ProcessInfo
 
 SORT_ORDER: dict[str, Callable[[ProcessInfo], float]] = {
     "cpu": lambda p: p.cpu_percent or 0.0,
@@ -16,16 +18,6 @@ SORT_ORDER: dict[str, Callable[[ProcessInfo], float]] = {
     # Newest first: "what just started?" is the question a top-N by start answers.
     "start": lambda p: p.start_time or "",  # type: ignore[dict-item]
 }
-
-
-@dataclass(frozen=True)
-class ListQuery:
-    """Filters of GET /process: name (exact or glob), user, sort key and limit."""
-
-    name: str | None = None
-    user: str | None = None
-    sort: str | None = None
-    limit: int | None = None
 
 
 class ProcessLookup:
@@ -43,7 +35,7 @@ class ProcessLookup:
         return to_info(sample, system=self.reader.system, user_name=self.user_names,
                        mask=self.mask)
 
-    def list(self, query: ListQuery) -> list[ProcessInfo]:
+    def list(self, query: ListFilters) -> list[ProcessInfo]:
         now = time.time()
         glob = query.name is not None and any(c in query.name for c in "*?[")
         found: list[ProcessInfo] = []

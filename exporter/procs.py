@@ -3,8 +3,8 @@
 Two readers share one interface. `ProcfsReader` reads Linux's /proc files directly (about
 2.5x cheaper than psutil per process, which matters at scrape time); `PsutilReader` is the
 portable fallback and the reference the tests compare against. Both return a `Sample`: the
-raw facts of one process, from which the JSON lookup (`ProcessInfo`) and the group metrics
-are both derived, so the two cannot drift.
+raw facts of one process, from which the JSON lookup (`exporter.info.to_info`) and the group
+metrics are both derived, so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import psutil
-
-from procfleet.timefmt import rfc3339
 
 # The state vocabulary of the API this service replaces (gopsutil's words).
 STATE_WORDS = {
@@ -160,25 +158,6 @@ class Sample:
             if extended.startswith(self.comm):
                 return extended
         return self.comm
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessInfo:
-    """One process as the API shows it (docs/api.md#process-object). None fields are omitted."""
-
-    pid: int
-    name: str | None = None
-    user: str | None = None
-    state: str | None = None
-    cpu_percent: float | None = None
-    mem_percent: float | None = None
-    mem_rss: int | None = None
-    command: str | None = None
-    start_time: str | None = None
-
-    def to_json(self) -> dict[str, object]:
-        # Hand-rolled: dataclasses.asdict deep-copies and costs a fifth of a lookup.
-        return {k: v for k in self.__slots__ if (v := getattr(self, k)) is not None}
 
 
 class SystemFacts:
@@ -664,25 +643,3 @@ def make_reader(kind: str = "auto") -> ProcfsReader | PsutilReader:
     if kind == "procfs" or (sys.platform.startswith("linux") and os.path.exists("/proc/self/stat")):
         return ProcfsReader()
     return PsutilReader()
-
-
-def to_info(sample: Sample, *, system: SystemFacts, user_name: UserNames,
-            mask: object = None, now: float | None = None) -> ProcessInfo:
-    """Turn a Sample into the API's process object (docs/api.md#process-object)."""
-    now = time.time() if now is None else now
-    age = max(now - sample.create_time, 1e-9)
-    command = None
-    if sample.cmdline is not None:
-        args = mask(sample.cmdline) if callable(mask) else sample.cmdline
-        command = " ".join(args)
-    return ProcessInfo(
-        pid=sample.pid,
-        name=sample.name,
-        user=user_name(sample.uid) if sample.uid is not None else None,
-        state=STATE_WORDS.get(sample.state, sample.state),
-        cpu_percent=round(100.0 * (sample.utime + sample.stime) / age, 2),
-        mem_percent=round(100.0 * sample.rss / system.total_memory, 2),
-        mem_rss=sample.rss,
-        command=command,
-        start_time=rfc3339(sample.create_time),
-    )

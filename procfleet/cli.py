@@ -19,15 +19,16 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TextIO
 
 from procfleet import __version__
 
-# As procfleet.web.SORT_KEYS; repeated so the client needs only the standard library.
-SORT_KEYS = ("cpu", "mem", "rss", "start")
+# Both are standard library only, so the client still installs anywhere Python does.
+from procfleet.params import SORT_KEYS, ParamError, check_limit, check_text
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TIMEOUT = 10.0
 
@@ -37,6 +38,10 @@ EXIT_USAGE = 2
 EXIT_SERVICE = 3
 
 COLUMNS = ("HOST", "PID", "NAME", "USER", "STATE", "CPU%", "MEM%", "RSS", "STARTED", "COMMAND")
+# The process field each column after HOST shows; a test keeps it equal to PROCESS_FIELDS.
+COLUMN_FIELDS = {"PID": "pid", "NAME": "name", "USER": "user", "STATE": "state",
+                 "CPU%": "cpu_percent", "MEM%": "mem_percent", "RSS": "mem_rss",
+                 "STARTED": "start_time", "COMMAND": "command"}
 _RIGHT_ALIGNED = frozenset({"PID", "CPU%", "MEM%", "RSS"})
 
 EPILOG = f"""\
@@ -134,20 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 some process listed, 1 none matched, 2 usage, 3 service error")
     ps.add_argument("target", metavar="TARGET",
                     help="a host name, _any, _all, or label selectors like group:web")
-    ps.add_argument("--name", metavar="NAME",
+    ps.add_argument("--name", metavar="NAME", type=_checked(check_text, "name"),
                     help="process name, exact or a glob like 'nginx*'")
-    ps.add_argument("--user", metavar="USER", help="only processes of this user")
+    ps.add_argument("--user", metavar="USER", type=_checked(check_text, "user"),
+                    help="only processes of this user")
     ps.add_argument("--sort", choices=SORT_KEYS,
                     help="largest first: cpu, mem (percent), rss, or start (newest first)")
-    ps.add_argument("--limit", type=_positive_int, metavar="N",
+    ps.add_argument("--limit", type=_checked(check_limit), metavar="N",
                     help="at most N processes per host (a top-N with --sort)")
     return parser
 
 
-def _positive_int(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return int(text)
+def _checked(check: Callable[..., Any], *names: str) -> Callable[[str], Any]:
+    """An argparse type from a procfleet.params check: the service's own rule, said early."""
+
+    def convert(text: str) -> Any:
+        try:
+            return check(*names, text)
+        except ParamError as exc:
+            raise argparse.ArgumentTypeError(_text(str(exc))) from None
+
+    return convert
 
 
 # -- talking to the query service ----------------------------------------------------------
@@ -275,28 +287,69 @@ def _started(text: Any) -> str:
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
     except ValueError:
-        return text
+        return _text(text)
     return when.strftime("%Y-%m-%d %H:%M:%S")
 
 
-# Command lines may hold newlines and terminal escape sequences (argv is whatever a process
-# was given): show them escaped, so one process stays one line and cannot drive the terminal.
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
-_ESCAPES.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+# Command lines may hold newlines, terminal escape sequences and bidi controls (argv is
+# whatever a process was given; U+202E turns `gpj.exe` into `exe.jpg` on screen): every
+# character Python does not call printable (C0 and C1 controls, Unicode format characters
+# such as the bidi controls and zero-width ones, line and paragraph separators, unassigned
+# and private-use code points, spaces other than ' ') is shown as an escape, so one process
+# stays one line, reads in its real order, and cannot drive the terminal.
+_SHORT_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def visible(text: str) -> str:
+    """`text` with every character that is not printable written as an escape (`\\u202e`)."""
+    if text.isprintable():  # the common case: nothing to do
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
 
 
 def _text(value: Any) -> str:
-    return "-" if value is None or value == "" else str(value).translate(_ESCAPES)
+    return "-" if value is None or value == "" else visible(str(value))
+
+
+def visible_json(body: str) -> str:
+    """A JSON document with its non-printable characters as `\\uXXXX` escapes: the same data.
+
+    In valid JSON such characters can only stand inside strings, where the escape means the
+    same character, so `jq` sees an identical document and the terminal sees no controls.
+    """
+    if body.isprintable():
+        return body
+    out = []
+    for char in body:
+        if char.isprintable() or char in " \t\n\r":
+            out.append(char)
+        elif ord(char) < 0x10000:
+            out.append(f"\\u{ord(char):04x}")
+        else:  # JSON spells astral characters as a UTF-16 surrogate pair
+            high, low = divmod(ord(char) - 0x10000, 0x400)
+            out.append(f"\\u{0xd800 + high:04x}\\u{0xdc00 + low:04x}")
+    return "".join(out)
 
 
 def table_row(row: Mapping[str, Any]) -> tuple[str, ...]:
-    command = row.get("command")
+    command = row.get(COLUMN_FIELDS["COMMAND"])
     if command == "" and row.get("name"):
         command = f"[{row['name']}]"  # a kernel thread, as ps shows it
-    return (_text(row["host"]), _text(row.get("pid")), _text(row.get("name")),
-            _text(row.get("user")), _text(row.get("state")), _percent(row.get("cpu_percent")),
-            _percent(row.get("mem_percent")), human_bytes(row.get("mem_rss")),
-            _started(row.get("start_time")), _text(command))
+    field = COLUMN_FIELDS
+    return (_text(row["host"]), _text(row.get(field["PID"])), _text(row.get(field["NAME"])),
+            _text(row.get(field["USER"])), _text(row.get(field["STATE"])),
+            _percent(row.get(field["CPU%"])), _percent(row.get(field["MEM%"])),
+            human_bytes(row.get(field["RSS"])), _started(row.get(field["STARTED"])),
+            _text(command))
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], width: int | None = None) -> list[str]:
@@ -332,7 +385,8 @@ def nothing_found_message(args: argparse.Namespace, results: Sequence[Mapping[st
     where = f"{hosts} host{'s' if hosts != 1 else ''}"
     ok = sum(1 for r in results if r.get("status") == "ok")
     if args.command == "get":
-        return f"process {args.pid} not found on any of {where} targeted by {args.target!r}"
+        return (f"process {_text(args.pid)} not found on any of {where} targeted by "
+                f"{args.target!r}")
     if ok:
         return f"no process matched on {where} targeted by {args.target!r}"
     return f"no host targeted by {args.target!r} could list its processes ({where})"
@@ -361,7 +415,7 @@ def run(argv: Sequence[str], *, out: TextIO, environ: Mapping[str, str]) -> int:
 
     reply = call_service(base_url, request_path(args), key=key, timeout=timeout)
     if as_json and reply.data is not None:
-        out.write(reply.body.decode("utf-8", errors="replace").rstrip("\n") + "\n")
+        out.write(visible_json(reply.body.decode("utf-8", errors="replace").rstrip("\n")) + "\n")
     results = check_reply(reply, base_url)
     field = "process" if args.command == "get" else "processes"
     if as_json:
@@ -380,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(sys.argv[1:] if argv is None else argv, out=sys.stdout, environ=os.environ)
     except CliError as exc:
         sys.stdout.flush()
-        print(f"procfleet: {exc.message}", file=sys.stderr)
+        print(f"procfleet: {visible(exc.message)}", file=sys.stderr)
         return exc.status
     except KeyboardInterrupt:
         print("procfleet: interrupted", file=sys.stderr)

@@ -1,12 +1,40 @@
-"""Collect every configuration problem with its key path, then report them all at once."""
+"""Collect every configuration problem with its key path, then report them all at once.
+
+A message names the file, the key path or the line and column, and the kind of problem, but
+never quotes what the file holds where that may be someone's secret: `--config /etc/shadow`
+must not print a password hash. So a YAML syntax error is described by its kind with any text
+from the file cut out (`yaml_problem`), and an unknown key is named only when it looks like a
+setting name (`lisen`), else by its position.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+# An unknown key shaped like this is a mistyped setting and is quoted back; anything else
+# (`root:$6$...`, a token) is named by its line and column only.
+_SETTING_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,23}")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def is_sha256_hex(text: str) -> bool:
+    """True for a SHA-256 hex digest: 64 hex digits, either case (compare it lowercased)."""
+    return bool(_SHA256_HEX.fullmatch(text))
+
+
+class LocatedMapping(dict[Any, Any]):
+    """A YAML mapping as parsed by `read_yaml`: a dict that knows where each key stood."""
+
+    positions: dict[Any, tuple[int, int]]
+
+    def position(self, key: Any) -> tuple[int, int] | None:
+        """(line, column) of `key` in the file, both from 1; None when not known."""
+        return getattr(self, "positions", {}).get(key)
 
 
 class ConfigError(Exception):
@@ -41,10 +69,17 @@ class Problems:
         return value
 
     def unknown_keys(self, data: Mapping[str, Any], allowed: set[str], path: str) -> None:
+        expected = f"expected one of: {', '.join(sorted(allowed))}"
         for key in data:
-            if key not in allowed:
-                where = f"{path}.{key}" if path else str(key)
-                self.add(where, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+            if key in allowed:
+                continue
+            if isinstance(key, str) and _SETTING_NAME.fullmatch(key):
+                self.add(f"{path}.{key}" if path else key, f"unknown key ({expected})")
+                continue
+            at = data.position(key) if isinstance(data, LocatedMapping) else None
+            where = f" at line {at[0]}, column {at[1]}" if at else ""
+            self.add(path, f"unknown key{where}, not shown as it is not a setting name "
+                           f"({expected})")
 
     def typed(self, data: Mapping[str, Any], key: str, kinds: type | tuple[type, ...],
               default: Any, path: str) -> Any:
@@ -59,6 +94,16 @@ class Problems:
             return default
         if not isinstance(value, kinds_t):
             self.add(where, f"must be {_kind_names(kinds_t)}, got {type(value).__name__}")
+            return default
+        return value
+
+    def one_of(self, data: Mapping[str, Any], key: str, choices: tuple[str, ...], default: str,
+               path: str) -> str:
+        """data[key] when it is one of `choices`, else note it (listing them) and default."""
+        value = self.typed(data, key, str, default, path)
+        if value not in choices:
+            self.add(f"{path}.{key}" if path else key,
+                     f"must be one of {', '.join(choices)}, got {value!r}")
             return default
         return value
 
@@ -88,9 +133,64 @@ def read_yaml(path: str | Path) -> Any:
     except UnicodeDecodeError as exc:
         raise ConfigError(source, [f"not UTF-8 text (byte {exc.start})"]) from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, [f"{where}YAML syntax error: {problem}"]) from None
+        raise ConfigError(source, [yaml_problem(exc)]) from None
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader, building LocatedMapping for every mapping."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Any:
+    data = LocatedMapping()
+    yield data  # as SafeConstructor does, so recursive structures resolve
+    data.update(loader.construct_mapping(node))
+    positions = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        try:
+            positions[key] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+        except TypeError:  # an unhashable key: construct_mapping has refused it already
+            continue
+    data.positions = positions
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+
+# PyYAML quotes what it found in its messages: an alias, a tag, a character. A token kind
+# ('<block end>') or one character is kept; longer text from the file is cut out.
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+_TOKEN_KIND = re.compile(r"<[a-z ]+>")
+_ONE_CHAR = re.compile(r"[^\\]|\\(?:x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|[tnr0\\'\"])")
+
+
+def _without_file_text(problem: str) -> str:
+    def keep(match: re.Match[str]) -> str:
+        quoted = match.group()
+        inner = quoted[1:-1]
+        if _TOKEN_KIND.fullmatch(inner) or _ONE_CHAR.fullmatch(inner):
+            return quoted
+        return "(text from the file, not shown)"
+
+    return _QUOTED.sub(keep, problem)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """`YAML syntax error at line L, column C: what` for a YAML error, without the file's text.
+
+    PyYAML's own str() quotes the offending lines; this names the position and the kind of
+    error only (a quoted alias or tag is cut out, one character is kept).
+    """
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character, say; no line known
+        code = ord(exc.character) if isinstance(exc.character, str) else exc.character
+        return (f"YAML syntax error at character {exc.position + 1}: unacceptable character "
+                f"U+{code:04X}")
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None)
+    what = _without_file_text(problem) if problem else type(exc).__name__
+    context = getattr(exc, "context", None)  # "while scanning a quoted scalar", say
+    if context:
+        what += f" ({_without_file_text(context)})"
+    return f"YAML syntax error{where}: {what}"

@@ -10,6 +10,9 @@ import threading
 import time
 from typing import TextIO
 
+# The `log_level` values of both services' configs and the exporter's --log-level.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
 
 class LogfmtFormatter(logging.Formatter):
     """Render records as `ts=… level=… logger=… msg="…" key=value …`.

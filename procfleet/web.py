@@ -1,20 +1,31 @@
-"""The HTTP conventions both services share: one error body, pid parsing, a JSON 500."""
+"""The HTTP conventions both services share: one error body, one query-parameter rule, pid
+parsing, a JSON 500.
+
+The rules themselves are plain functions elsewhere in procfleet (`procfleet.params`,
+`procfleet.process`); this module only turns their errors into falcon's 400s.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from http import HTTPStatus
+from typing import Any
 
 import falcon
 
-from procfleet.timefmt import rfc3339 as rfc3339  # re-exported: query.app imports it here
+from procfleet.params import (
+    LIST_PARAMS,
+    ListFilters,
+    ParamError,
+    parse_list_filters,
+    single_values,
+)
+from procfleet.timefmt import rfc3339 as rfc3339  # re-exported: its old home
 
 PID_MAX = 2147483647
-# GET /process and GET /node/{target}/process share these filter rules.
-SORT_KEYS = ("cpu", "mem", "rss", "start")
-LIST_LIMIT_MAX = 100_000
-FILTER_MAX_LENGTH = 256
+PARAM_ERROR = "invalid query parameter"
 _PID_RE = re.compile(r"[0-9]{1,32}")
 
 
@@ -45,18 +56,42 @@ def pid_or_400(text: str) -> int:
         raise falcon.HTTPBadRequest(title="invalid pid", description=str(exc)) from None
 
 
+class QueryParamRule:
+    """Middleware: the one query-parameter rule of both services, on every routed endpoint.
+
+    A resource lists the parameters it takes in `query_params` (none when it has no such
+    attribute); any other parameter, or one given twice, is a 400 naming it (see
+    procfleet.params). It runs after authentication: an unauthenticated client learns nothing
+    about parameters.
+    """
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any,
+                         params: dict[str, Any]) -> None:
+        if resource is None:  # no route matched: the 404 (or sink) says so
+            return
+        allowed: Sequence[str] = getattr(resource, "query_params", ())
+        try:
+            single_values(req.params, allowed)
+        except ParamError as exc:
+            raise falcon.HTTPBadRequest(title=PARAM_ERROR, description=str(exc)) from None
+
+
+def list_filters_or_400(req: falcon.Request) -> ListFilters:
+    """The list filters of a request (name, user, sort, limit); a bad one is a 400."""
+    try:
+        return parse_list_filters(single_values(req.params, LIST_PARAMS))
+    except ParamError as exc:
+        raise falcon.HTTPBadRequest(title=PARAM_ERROR, description=str(exc)) from None
+
+
 def error_body(status: int, error: str, details: str) -> dict[str, object]:
     """The one error shape of every procfleet API: all three keys always set."""
     return {"error": error, "details": details, "code": status}
 
 
-def _status_code(exc: falcon.HTTPError) -> int:
-    return int(str(exc.status).split(" ", 1)[0]) if not isinstance(exc.status, int) else exc.status
-
-
 def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
     """Falcon error serializer: every HTTPError is written as {error, details, code} JSON."""
-    code = _status_code(exc)
+    code = exc.status_code
     phrase = HTTPStatus(code).phrase.lower() if code in HTTPStatus._value2member_map_ else "error"
     title = exc.title or phrase
     # Falcon's own titles look like "404 Not Found"; keep the words only.
@@ -70,9 +105,10 @@ def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTP
 def install_error_handling(app: falcon.App, logger: logging.Logger) -> None:
     """Route every error through one serializer and turn surprises into a logged JSON 500."""
 
-    def unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, params) -> None:
-        if isinstance(ex, falcon.HTTPError):
-            raise ex
+    # Falcon picks the handler of the most specific class, and HTTPError (with HTTPStatus)
+    # has its own: an HTTPError never reaches this one.
+    def unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception,
+                   params: dict[str, Any]) -> None:
         logger.exception("unhandled error on %s %s", req.method, req.path)
         raise falcon.HTTPInternalServerError(
             title="internal error", description="the server failed; the error was logged"

@@ -23,14 +23,9 @@ from typing import Any
 import falcon
 
 import procfleet
-from procfleet.web import (
-    FILTER_MAX_LENGTH,
-    LIST_LIMIT_MAX,
-    SORT_KEYS,
-    install_error_handling,
-    pid_or_400,
-    rfc3339,
-)
+from procfleet.params import LIST_PARAMS
+from procfleet.timefmt import rfc3339
+from procfleet.web import QueryParamRule, install_error_handling, list_filters_or_400, pid_or_400
 from query import metrics as query_metrics
 from query import openapi
 from query.auth import PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
@@ -63,7 +58,8 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
     lookup = Lookup(discovery, fanout, limits=config.fanout, observer=metrics)
     authenticator = Authenticator(config.auth)
 
-    app = falcon.App(middleware=[RequestLog(metrics), AuthMiddleware(authenticator)])
+    app = falcon.App(middleware=[RequestLog(metrics), AuthMiddleware(authenticator),
+                                 QueryParamRule()])
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handling(app, log)
     app.add_route("/node/{hostname}/process/{pid}", ProcessResource(lookup))
@@ -143,42 +139,15 @@ class ProcessListResource:
     """`GET /node/{hostname}/process?name=&user=&sort=&limit=`: each exporter's list."""
 
     permission = "process:read"
+    query_params = LIST_PARAMS
 
     def __init__(self, lookup: Lookup) -> None:
         self.lookup = lookup
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, hostname: str) -> None:
         target = _target_or_400(hostname)
-        answer = self.lookup.processes(target, list_filters(req.params))
+        answer = self.lookup.processes(target, list_filters_or_400(req).to_params())
         _respond(req, resp, answer, "processes")
-
-
-def list_filters(params: dict[str, Any]) -> dict[str, str]:
-    """The list filters passed through to the exporters, checked here; 400 names what is wrong."""
-    filters: dict[str, str] = {}
-    for name, value in params.items():
-        if name not in ("name", "user", "sort", "limit"):
-            raise falcon.HTTPBadRequest(
-                title="invalid query parameter",
-                description=f"unknown parameter {name[:64]!r}: use name, user, sort and limit")
-        if not isinstance(value, str):
-            raise falcon.HTTPBadRequest(title="invalid query parameter",
-                                        description=f"{name} is given more than once")
-        if not value or len(value) > FILTER_MAX_LENGTH:
-            raise falcon.HTTPBadRequest(
-                title="invalid query parameter",
-                description=f"{name} must be 1 to {FILTER_MAX_LENGTH} characters")
-        filters[name] = value
-    if "sort" in filters and filters["sort"] not in SORT_KEYS:
-        raise falcon.HTTPBadRequest(title="invalid query parameter",
-                                    description=f"sort must be one of {', '.join(SORT_KEYS)}")
-    if "limit" in filters:
-        text = filters["limit"]
-        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= LIST_LIMIT_MAX:
-            raise falcon.HTTPBadRequest(
-                title="invalid query parameter",
-                description=f"limit must be an integer from 1 to {LIST_LIMIT_MAX}")
-    return filters
 
 
 def _maybe_rfc3339(timestamp: float | None) -> str | None:
@@ -194,6 +163,7 @@ class NodesResource:
     """`GET /node[?target=…]`: the known exporters, their labels and last-seen health."""
 
     permission = "node:read"
+    query_params = ("target",)
 
     def __init__(self, discovery: Discovery) -> None:
         self.discovery = discovery

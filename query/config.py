@@ -43,15 +43,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from procfleet import filetrust
-from procfleet.configcheck import ConfigError, Problems, read_yaml
+from procfleet.configcheck import ConfigError, Problems, is_sha256_hex, read_yaml
+from procfleet.hostnames import hostname_problem, is_hostname
+from procfleet.logs import LOG_LEVELS
 from procfleet.serve import ListenError, parse_listen
-from query.targets import is_hostname, is_label_key, is_label_value
+from query.targets import is_label_key, is_label_value
 
 PERMISSIONS = ("process:read", "node:read")
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_EXPORTER_URL = "http://127.0.0.1:9256"
-LOG_LEVELS = ("debug", "info", "warning", "error")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 FILE_SD_SUFFIXES = (".json", ".yml", ".yaml")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -275,9 +275,7 @@ def parse(data: Any, *, source: str = "<config>", base_dir: Path | None = None) 
     threads = problems.typed(data, "threads", int, 16, "")
     if not 1 <= threads <= 1024:
         problems.add("threads", f"must be 1 to 1024, got {threads}")
-    log_level = problems.typed(data, "log_level", str, "info", "")
-    if log_level not in LOG_LEVELS:
-        problems.add("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    log_level = problems.one_of(data, "log_level", LOG_LEVELS, "info", "")
     exporter_token = _token(problems, data, "exporter_token", "")
 
     config = Config(
@@ -352,7 +350,7 @@ def _auth(problems: Problems, raw: Any) -> Auth:
         digest = problems.typed(item, "sha256", str, "", path).lower()
         if not digest:
             problems.add(f"{path}.sha256", "is required (make one with `procfleet-query keygen`)")
-        elif not _SHA256_RE.fullmatch(digest):
+        elif not is_sha256_hex(digest):
             problems.add(f"{path}.sha256", "must be 64 hexadecimal digits")
         elif digest in hashes:
             problems.add(f"{path}.sha256", f"same key as auth.api_keys[{hashes[digest]}]")
@@ -399,9 +397,8 @@ def _exporters(problems: Problems, raw: Any) -> tuple[ExporterEntry, ...]:
         hostname = problems.typed(item, "hostname", str, "", path)
         if not hostname:
             problems.add(f"{path}.hostname", "is required")
-        elif not is_hostname(hostname):
-            problems.add(f"{path}.hostname", f"{hostname!r} is not a hostname: letters, digits, "
-                         "'-', '_' and '.', not beginning with '_'")
+        elif (why := hostname_problem(hostname)) is not None:
+            problems.add(f"{path}.hostname", why)
         elif hostname in seen:
             problems.add(f"{path}.hostname", f"{hostname!r} is already exporters[{seen[hostname]}]")
         else:

@@ -36,6 +36,7 @@ from typing import Any, Literal
 from urllib.parse import urlencode
 
 import procfleet
+from procfleet.process import NOT_FOUND_ERROR, PROCESS_FIELDS
 from query import httpclient
 from query.config import Config
 from query.discovery import Exporter
@@ -50,16 +51,7 @@ _STATUS: Mapping[str, str] = {"ok": "ok", "maintenance": "skipped", "unsupported
 
 MAINTENANCE_ERROR = "exporter is in maintenance"
 UNSUPPORTED_ERROR = "process lookup is unsupported on the exporter's platform"
-NOT_FOUND_ERROR = "process not found"
 NOT_FOUND_BODY_CAP = 64 * 1024  # an exporter's 404 error body is a few dozen bytes
-
-# The process object's fields and their JSON types; anything else an exporter sends is dropped
-# so the answer always has the documented shape. `pid` is required, the rest may be absent.
-PROCESS_FIELDS: Mapping[str, tuple[type, ...]] = {
-    "pid": (int,), "name": (str,), "user": (str,), "state": (str,),
-    "cpu_percent": (int, float), "mem_percent": (int, float), "mem_rss": (int,),
-    "command": (str,), "start_time": (str,),
-}
 
 
 @dataclass(frozen=True, slots=True)

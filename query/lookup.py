@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from procfleet.process import NOT_FOUND_ERROR
 from query.config import FanoutLimits
 from query.discovery import Discovery, Exporter
 from query.fanout import Call, Fanout, Result, list_call, process_call
@@ -104,7 +105,7 @@ def decide(target: Target, results: Sequence[Result], what: str = "the lookup") 
         if answer is None:
             return Answer(500, error="exporter failed", details=_failures(results))
         if answer.kind == "not_found":
-            return Answer(404, error="process not found",
+            return Answer(404, error=NOT_FOUND_ERROR,
                           details=f"exporter {answer.hostname} has no process with {what}")
         if target.kind == "any" and answer.kind == "maintenance":
             return Answer(200, tuple(sorted(results, key=_by_hostname)))

@@ -29,9 +29,10 @@ import yaml
 
 import procfleet
 from procfleet import filetrust
+from procfleet.configcheck import yaml_problem
+from procfleet.hostnames import is_hostname
 from query.config import Config, FileSDEntry, PrometheusSD
 from query.fleet import DiscoveryError, Exporter, Source
-from query.targets import is_hostname
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +196,7 @@ def read_file_sd(path: str, *, token: str | None = None) -> list[Exporter]:
         raise DiscoveryError(f"{path}: JSON syntax error at line {exc.lineno}, column "
                              f"{exc.colno}: {exc.msg}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise DiscoveryError(f"{path}: YAML syntax error{where}: {problem}") from None
+        raise DiscoveryError(f"{path}: {yaml_problem(exc)}") from None
     if data is None:  # an empty file: no targets, as in Prometheus
         return []
     problems: list[str] = []

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
+from procfleet.hostnames import RESERVED_PREFIX, hostname_problem
+
 ANY = "_any"
 ALL = "_all"
 
@@ -26,7 +28,6 @@ ALL = "_all"
 SEGMENT = r"[A-Za-z0-9_-]+"
 _KEY_RE = re.compile(SEGMENT)
 _VALUE_RE = re.compile(rf"{SEGMENT}(?:\.{SEGMENT})*")
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 TargetKind = Literal["hostname", "any", "all", "selectors"]
 
@@ -88,11 +89,6 @@ class Labelled(Protocol):
 E = TypeVar("E", bound=Labelled)
 
 
-def is_hostname(text: str) -> bool:
-    """True when `text` may be an exporter's hostname (letters, digits, `-_.`, no leading `_`)."""
-    return bool(_HOSTNAME_RE.fullmatch(text)) and not text.startswith("_")
-
-
 def is_label_key(text: str) -> bool:
     """True when `text` is a valid label key (one segment)."""
     return bool(_KEY_RE.fullmatch(text))
@@ -114,14 +110,13 @@ def parse_target(text: str) -> Target:
         return Target("all")
     if ":" in text or "," in text:
         return Target("selectors", selectors=_parse_selectors(text))
-    if text.startswith("_"):
+    if text.startswith(RESERVED_PREFIX):
         raise TargetError(
             f"target {shown} is reserved: names beginning with '_' are only {ANY} and {ALL}"
         )
-    if not _HOSTNAME_RE.fullmatch(text):
-        raise TargetError(
-            f"target {shown} is not a hostname: use letters, digits, '-', '_' and '.'"
-        )
+    why = hostname_problem(text)
+    if why is not None:
+        raise TargetError(f"target {shown} is not a hostname: {why}")
     return Target("hostname", hostname=text)
 
 

@@ -131,7 +131,7 @@ def test_metrics_can_be_left_open_for_prometheus():
     ({"listen": "127.0.0.1:99999"}, "listen: port must be"),
     ({"listen": 9256}, "listen: must be a string"),
     ({"hostname": "bad host"}, "hostname: must be letters"),
-    ({"reader": "kvm"}, "reader: must be auto"),
+    ({"reader": "kvm"}, "reader: must be one of auto"),
     ({"log_level": "loud"}, "log_level: must be one of"),
     ({"auth": {"token_sha256": "ABC"}}, "auth.token_sha256: must be 64"),
     ({"auth": {"token": "plain"}}, "auth.token: unknown key"),

@@ -19,9 +19,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from integration_testing import VENV_BIN, Groups, QueryService, spawn_child, stop
+from integration_testing import (
+    CHILD_MARKER,
+    VENV_BIN,
+    Groups,
+    QueryService,
+    process_visible,
+    spawn_child,
+    stop,
+    wait_until,
+)
 
-from procfleet.cli import COLUMNS, CliError, Reply, check_reply, format_table, human_bytes
+from procfleet.cli import (
+    COLUMNS,
+    CliError,
+    Reply,
+    check_reply,
+    format_table,
+    human_bytes,
+    problem_lines,
+    visible_json,
+)
 
 CLI = str(VENV_BIN / "procfleet")
 
@@ -93,6 +111,58 @@ def test_get_prints_an_aligned_row_for_the_child(service: dict[str, str],
     assert "time.sleep(0.2)\\n" in rows[0]
     columns_aligned(header, rows, str(sys.executable))
     assert run.err == ""
+
+
+# Characters a process may put in its argv to fool a reader or drive the terminal: bidi
+# overrides and isolates, a colour escape, a C1 CSI, zero-width and line-separator characters.
+HOSTILE_ARGS = {"name\u202egpj.exe": "name\\u202egpj.exe",
+                "\u2066isolated\u2069": "\\u2066isolated\\u2069",
+                "\u200fmark\u061c": "\\u200fmark\\u061c",
+                "\x1b[31mred": "\\x1b[31mred",
+                "c1\x9bcsi": "c1\\x9bcsi",
+                "zero\u200bwidth\u2028line": "zero\\u200bwidth\\u2028line"}
+
+
+def test_controls_in_a_command_line_are_printed_escaped(service: dict[str, str]) -> None:
+    """A real child with bidi and control characters in its argv, looked up through the real
+    services: the table and --json show each as an escape, never the character itself."""
+    tag = "hostile"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                              *HOSTILE_ARGS, CHILD_MARKER + tag],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: process_visible(child.pid, tag), timeout=10, what="the child")
+        run = procfleet("--wide", "get", "itest-0", str(child.pid), **service)
+        assert run.status == 0, run.err
+        raw = [c for c in run.out if not c.isprintable() and c != "\n"]
+        assert raw == [], raw
+        for shown in HOSTILE_ARGS.values():
+            assert shown in run.out, (shown, run.out)
+        as_json = procfleet("--json", "get", "itest-0", str(child.pid), **service)
+        assert as_json.status == 0, as_json.err
+        assert [c for c in as_json.out if not c.isprintable() and c != "\n"] == []
+        # The same data for jq: the escapes decode to the very characters of the argv.
+        command = json.loads(as_json.out)["results"][0]["process"]["command"]
+        assert all(arg in command for arg in HOSTILE_ARGS)
+    finally:
+        stop(child)
+
+
+def test_every_printed_field_is_escaped() -> None:
+    hostile = "a\u202eb\x1b]0;title\x07"
+    row = {"host": hostile, "pid": 7, "name": hostile, "user": hostile, "state": hostile,
+           "command": hostile, "start_time": hostile}
+    lines = format_table([row], width=None)
+    assert all(c.isprintable() for line in lines for c in line), lines
+    assert lines[1].count("a\\u202eb\\x1b]0;title\\x07") == 6  # every text column
+    [problem] = problem_lines([{"hostname": hostile, "status": "failed", "error": hostile}])
+    assert problem.isprintable() and problem.count("\\u202e") == 2
+    with pytest.raises(CliError) as caught:
+        check_reply(Reply(500, b"", {"error": hostile, "details": hostile}), "http://q")
+    assert caught.value.message.isprintable()
+    body = json.dumps({"x": hostile + "\U0001f600\U000e0041"}, ensure_ascii=False)
+    assert visible_json(body).isprintable()
+    assert json.loads(visible_json(body)) == json.loads(body)
 
 
 def test_get_on_a_broadcast_target_lists_every_host(service: dict[str, str],

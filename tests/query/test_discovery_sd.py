@@ -69,6 +69,6 @@ def test_sd_is_an_empty_list_with_no_exporters(make_client) -> None:
 
 def test_openapi_documents_sd_like_node(openapi_doc) -> None:
     operation = openapi_doc["paths"]["/sd"]["get"]
-    assert set(operation["responses"]) == {"200", "401", "403"}
+    assert set(operation["responses"]) == {"200", "400", "401", "403"}
     assert "node:read" in operation["description"]
     assert "security" not in operation  # the document's default: a key is needed

@@ -194,7 +194,12 @@ NASTY = [
     (b"/node/rel-open/process?limit=%EF%BC%91", {400}),
     (b"/node/rel-open/process?name=" + b"a" * 300, {400}),
     (b"/node?target=%00", {400}),
-    (b"/node?target=_all&target=_any", {200, 400}),
+    # One query-parameter rule on every endpoint of both services (procfleet.params).
+    (b"/node?target=_all&target=_any", {400}),
+    (b"/node?target=_all&bogus=1", {400}),
+    (b"/node/rel-open/process/1?pid=2", {400}),
+    (b"/node/_all/process/1?name=x", {400}),
+    (b"/sd?format=json", {400}),
 ]
 
 

@@ -1,0 +1,36 @@
+"""Samples to the API's process object: `to_info` turns what procs.py read into a ProcessInfo.
+
+procs.py only reads /proc (or psutil) into `Sample`s; what a lookup shows of a sample (user
+name, state word, percentages, the masked command line) is decided here, once, for
+`GET /process/{pid}` and `GET /process` alike.
+"""
+
+from __future__ import annotations
+
+import time
+
+from exporter.procs import STATE_WORDS, Sample, SystemFacts, UserNames
+from procfleet.process import ProcessInfo
+from procfleet.timefmt import rfc3339
+
+
+def to_info(sample: Sample, *, system: SystemFacts, user_name: UserNames,
+            mask: object = None, now: float | None = None) -> ProcessInfo:
+    """Turn a Sample into the API's process object (docs/api.md, "Process fields")."""
+    now = time.time() if now is None else now
+    age = max(now - sample.create_time, 1e-9)
+    command = None
+    if sample.cmdline is not None:
+        args = mask(sample.cmdline) if callable(mask) else sample.cmdline
+        command = " ".join(args)
+    return ProcessInfo(
+        pid=sample.pid,
+        name=sample.name,
+        user=user_name(sample.uid) if sample.uid is not None else None,
+        state=STATE_WORDS.get(sample.state, sample.state),
+        cpu_percent=round(100.0 * (sample.utime + sample.stime) / age, 2),
+        mem_percent=round(100.0 * sample.rss / system.total_memory, 2),
+        mem_rss=sample.rss,
+        command=command,
+        start_time=rfc3339(sample.create_time),
+    )
