@@ -11,7 +11,8 @@ import sys
 from procfleet import __version__
 from procfleet.configcheck import ConfigError
 from procfleet.logs import setup_logging
-from procfleet.serve import ListenError, is_loopback, parse_listen, raise_file_limit, serve
+from procfleet.netaddr import ListenError, is_loopback, parse_listen
+from procfleet.serve import raise_file_limit, serve
 
 log = logging.getLogger("procfleet.exporter")
 

@@ -12,7 +12,7 @@ from exporter.collector import MetricsOptions, parse_metrics_options
 from exporter.groups import GroupMatcher, parse_groups
 from exporter.masking import DEFAULT_PATTERNS, DEFAULT_SECRET_FLAGS, Masker, check_pattern
 from procfleet.configcheck import ConfigError, Problems, read_yaml
-from procfleet.serve import ListenError, parse_listen
+from procfleet.netaddr import ListenError, parse_listen
 
 DEFAULT_LISTEN = "127.0.0.1:9256"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")

@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from procfleet.configcheck import ConfigError, Problems, read_yaml
-from procfleet.serve import ListenError, parse_listen
+from procfleet.netaddr import ListenError, parse_listen
 from query.targets import is_hostname, is_label_key, is_label_value
 
 PERMISSIONS = ("process:read", "node:read")
