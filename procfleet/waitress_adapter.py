@@ -33,8 +33,8 @@ import waitress
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
-from waitress.server import BaseWSGIServer
-from waitress.task import ErrorTask
+from waitress.server import BaseWSGIServer, MultiSocketServer
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 from procfleet.web import error_body
 
@@ -51,6 +51,9 @@ INTERNALS: tuple[tuple[Any, str, tuple[str, ...] | None], ...] = (
     (BaseWSGIServer, "accepting", None),
     (BaseWSGIServer, "pull_trigger", ("self",)),
     (BaseWSGIServer, "readable", ("self",)),
+    (MultiSocketServer, "__init__",
+     ("self", "map", "adj", "effective_listen", "dispatcher", "log_info")),
+    (ThreadedTaskDispatcher, "shutdown", ("self", "cancel_pending", "timeout")),
     (HTTPChannel, "__init__", ("self", "server", "sock", "addr", "adj", "map")),
     (HTTPChannel, "received", ("self", "data")),
     (HTTPChannel, "parser_class", None),
@@ -199,7 +202,9 @@ class WaitressServer:
         for listener in self.listeners:
             listener.channel_class = Channel  # per server object, not process-wide
         self.head_timeout = head_timeout
-        self.bound = (self.listeners[0].effective_host, self.listeners[0].effective_port)
+        # getnameinfo() gives the port as text.
+        self.bound = (str(self.listeners[0].effective_host),
+                      int(self.listeners[0].effective_port))
 
     def poll(self, timeout: float) -> None:
         """Handle what is ready (accepts, reads, writes), waiting at most `timeout` seconds."""

@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = create_app(config, discovery=discovery, fanout=fanout)
             try:
                 serve(app, host, port, logger=log, name="procfleet-query",
-                      threads=config.threads)
+                      threads=config.threads, head_timeout=config.head_timeout)
             except OSError as exc:
                 log.error("cannot listen", extra={"fields": {"listen": listen, "reason": exc}})
                 return 1

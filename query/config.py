@@ -2,6 +2,7 @@
 
     listen: 127.0.0.1:8080
     threads: 16
+    head_timeout: 10                                # seconds to deliver a complete request
     log_level: info
     timeouts: {exporter: 2.0, request: 5.0}        # seconds
     fanout: {max_in_flight: 256, max_body_bytes: 1048576, max_list_body_bytes: 16777216}
@@ -118,6 +119,7 @@ class Config:
 
     listen: str = DEFAULT_LISTEN
     threads: int = 16
+    head_timeout: float = 10.0
     log_level: str = "info"
     timeouts: Timeouts = Timeouts()
     fanout: FanoutLimits = FanoutLimits()
@@ -146,8 +148,8 @@ def load(path: str | Path) -> Config:
     return parse(read_yaml(path), source=str(path), base_dir=Path(path).parent)
 
 
-_TOP_KEYS = {"listen", "threads", "log_level", "timeouts", "fanout", "exporter_token", "auth",
-             "exporters", "file_sd", "prometheus", "discovery"}
+_TOP_KEYS = {"listen", "threads", "head_timeout", "log_level", "timeouts", "fanout",
+             "exporter_token", "auth", "exporters", "file_sd", "prometheus", "discovery"}
 
 
 def parse(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
@@ -171,6 +173,9 @@ def parse(data: Any, *, source: str = "<config>", base_dir: Path | None = None) 
     threads = problems.typed(data, "threads", int, 16, "")
     if not 1 <= threads <= 1024:
         problems.add("threads", f"must be 1 to 1024, got {threads}")
+    head_timeout = problems.number(data, "head_timeout", 10.0, "")
+    if not 1 <= head_timeout <= 300:
+        problems.add("head_timeout", f"must be 1 to 300 seconds, got {head_timeout}")
     log_level = problems.typed(data, "log_level", str, "info", "")
     if log_level not in LOG_LEVELS:
         problems.add("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
@@ -179,6 +184,7 @@ def parse(data: Any, *, source: str = "<config>", base_dir: Path | None = None) 
     config = Config(
         listen=listen,
         threads=threads,
+        head_timeout=head_timeout,
         log_level=log_level,
         timeouts=_timeouts(problems, data.get("timeouts")),
         fanout=_fanout(problems, data.get("fanout")),
