@@ -21,6 +21,7 @@ tests/procfleet/test_waitress_adapter.py fails on any of them, and `create_serve
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import inspect
 import json
@@ -40,6 +41,12 @@ from procfleet.web import error_body
 
 log = logging.getLogger(__name__)
 
+# Connections accepted per wake-up of a listening socket. waitress accepts one per pass of the
+# loop, and a pass polls every connection: after a wave of closes (the deadline expiring
+# for a flood of slow clients, who reconnect at once) a client in the backlog would wait for
+# a thousand passes.
+ACCEPT_BURST = 64
+
 # Lowest supported version (inclusive) and the first one not yet reviewed (exclusive).
 SUPPORTED = ((3, 0, 0), (3, 1, 0))
 
@@ -51,6 +58,7 @@ INTERNALS: tuple[tuple[Any, str, tuple[str, ...] | None], ...] = (
     (BaseWSGIServer, "accepting", None),
     (BaseWSGIServer, "pull_trigger", ("self",)),
     (BaseWSGIServer, "readable", ("self",)),
+    (BaseWSGIServer, "handle_accept", ("self",)),
     (MultiSocketServer, "__init__",
      ("self", "map", "adj", "effective_listen", "dispatcher", "log_info")),
     (ThreadedTaskDispatcher, "shutdown", ("self", "cancel_pending", "timeout")),
@@ -183,6 +191,16 @@ class Channel(HTTPChannel):
         return bool(super().received(data))
 
 
+def _accept_burst(listener: BaseWSGIServer) -> None:
+    """Accept up to ACCEPT_BURST waiting connections, within waitress's connection limit."""
+    connections = listener._map  # the socket map waitress counts against connection_limit
+    for _ in range(ACCEPT_BURST):
+        before = len(connections)
+        BaseWSGIServer.handle_accept(listener)
+        if len(connections) == before or len(connections) >= listener.adj.connection_limit:
+            return  # nothing more waiting (or a failed accept, logged), or the limit
+
+
 class WaitressServer:
     """A waitress server driven one poll() at a time by procfleet.serve."""
 
@@ -201,6 +219,7 @@ class WaitressServer:
         self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
         for listener in self.listeners:
             listener.channel_class = Channel  # per server object, not process-wide
+            listener.handle_accept = functools.partial(_accept_burst, listener)
         self.head_timeout = head_timeout
         # getnameinfo() gives the port as text.
         self.bound = (str(self.listeners[0].effective_host),

@@ -161,3 +161,15 @@ def test_an_idle_connection_after_an_answer_owes_nothing(server):
         _serve_until(server, lambda: not server.busy())
         assert server.sweep(time.monotonic() + 5) == 0  # channel_timeout's business
         assert server.connections() == 1
+
+
+def test_waiting_connections_are_accepted_in_a_burst(server):
+    """One pass of the loop takes in a backlog (waitress alone takes one per pass)."""
+    clients = [socket.create_connection(("127.0.0.1", server.bound[1]), timeout=5)
+               for _ in range(10)]
+    try:
+        server.poll(1.0)
+        assert server.connections() == 10
+    finally:
+        for client in clients:
+            client.close()
