@@ -12,7 +12,8 @@ from procfleet import __version__
 from procfleet.configcheck import ConfigError
 from procfleet.hostnames import hostname_problem
 from procfleet.logs import LOG_LEVELS, setup_logging
-from procfleet.serve import ListenError, is_loopback, parse_listen, raise_file_limit, serve
+from procfleet.netaddr import ListenError, is_loopback, parse_listen
+from procfleet.serve import HEAD_TIMEOUT, raise_file_limit, serve
 
 log = logging.getLogger("procfleet.exporter")
 
@@ -21,6 +22,17 @@ def _thread_count(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 64:
         raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 64, got {text!r}")
     return int(text)
+
+
+def _head_timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 1 <= value <= 300:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from 1 to 300, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "and metrics are then readable by anyone who can connect)")
     parser.add_argument("--threads", type=_thread_count, default=4, metavar="N",
                         help="request worker threads, 1 to 64 (default 4)")
+    parser.add_argument("--head-timeout", type=_head_timeout, default=HEAD_TIMEOUT,
+                        metavar="SECONDS",
+                        help="close a connection that has not sent a complete request this "
+                             f"long after opening, 1 to 300 (default {HEAD_TIMEOUT:g})")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -100,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     raise_file_limit()
     app = create_app(config)
     try:
-        serve(app, host, port, logger=log, name="procfleet-exporter", threads=args.threads)
+        serve(app, host, port, logger=log, name="procfleet-exporter", threads=args.threads,
+              head_timeout=args.head_timeout)
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
         return 1

@@ -13,7 +13,7 @@ from exporter.masking import DEFAULT_PATTERNS, DEFAULT_SECRET_FLAGS, Masker, che
 from procfleet.configcheck import ConfigError, Problems, is_sha256_hex, read_yaml
 from procfleet.hostnames import hostname_problem
 from procfleet.logs import LOG_LEVELS
-from procfleet.serve import ListenError, parse_listen
+from procfleet.netaddr import ListenError, parse_listen
 
 DEFAULT_LISTEN = "127.0.0.1:9256"
 

@@ -1,9 +1,10 @@
-"""Serving a WSGI app with waitress: listen-address parsing and a clean SIGTERM."""
+"""Serving a WSGI app with waitress: bounded connections, a request deadline, a clean SIGTERM.
+
+waitress's internals are used only through procfleet.waitress_adapter.
+"""
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
 import resource
 import signal
@@ -11,40 +12,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import waitress
-import waitress.utilities
-from waitress import wasyncore
-from waitress.channel import HTTPChannel
-from waitress.server import BaseWSGIServer
+from procfleet.waitress_adapter import WaitressServer
 
-from procfleet.web import error_body
-
-
-class ListenError(ValueError):
-    """A listen address that is not HOST:PORT."""
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """Split `HOST:PORT` (or `[v6]:PORT`) into its parts, checking the port range."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ListenError(f"listen address must be HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ListenError(f"port must be 0 to 65535, got {port}")
-    return host, port
-
-
-def is_loopback(host: str) -> bool:
-    """True when `host` names only this machine (127.0.0.0/8, ::1 or localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+# Connections held at once (waitress's connection_limit counts the listening socket and its
+# wake-up pipe too). Past it, new connections wait in the kernel's listen backlog until a slot
+# frees, which the request deadline guarantees within HEAD_TIMEOUT seconds for clients that
+# never finish a request. Capped at half the open-files limit so sockets cannot starve the
+# files (/proc, exporter connections) the services need for their own work.
+CONNECTION_LIMIT = 2000
+# Seconds a connection may take to deliver a complete request (line, headers, any body),
+# counted from its opening or from its first byte after the previous answer.
+HEAD_TIMEOUT = 10.0
+# Seconds an idle keep-alive connection (no request begun) is kept.
+CHANNEL_TIMEOUT = 30
 
 
 def raise_file_limit() -> None:
@@ -61,12 +41,12 @@ def raise_file_limit() -> None:
             pass
 
 
-def _json_error(self: waitress.utilities.Error, ident: str | None = None
-                ) -> tuple[str, list[tuple[str, str]], bytes]:
-    """waitress's own error answers (431, 413, bad request line) in the one error shape."""
-    body = json.dumps(error_body(self.code, self.reason.lower(), str(self.body) or self.reason))
-    return (f"{self.code} {self.reason}", [("Content-Type", "application/json")],
-            body.encode("utf-8"))
+def connection_limit() -> int:
+    """CONNECTION_LIMIT, or half the open-files soft limit when that is lower."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return CONNECTION_LIMIT
+    return max(16, min(CONNECTION_LIMIT, soft // 2))
 
 
 def serve(
@@ -78,59 +58,58 @@ def serve(
     name: str,
     threads: int = 8,
     grace: float = 10.0,
+    head_timeout: float = HEAD_TIMEOUT,
     **adjustments: Any,
 ) -> None:
     """Serve `app` until SIGTERM or SIGINT, then finish the requests in flight and return.
 
     On the signal the listening sockets close (new connections are refused), answers being
     computed are completed and sent for up to `grace` seconds, and idle keep-alive
-    connections are dropped. The waitress settings bound what a slow or greedy client can
-    hold: request body and header limits and a channel timeout.
+    connections are dropped. What a slow or greedy client can hold is bounded: request body
+    and header sizes, the number of connections, `head_timeout` seconds to deliver a request
+    and CHANNEL_TIMEOUT seconds of idle keep-alive.
     """
     settings: dict[str, Any] = {
         "threads": threads,
-        "channel_timeout": 30,
+        "channel_timeout": CHANNEL_TIMEOUT,
         "max_request_header_size": 16384,
         "max_request_body_size": 65536,
-        "connection_limit": 1000,
+        "connection_limit": connection_limit(),
         "ident": name,
         "clear_untrusted_proxy_headers": True,
     }
     settings.update(adjustments)
-    # Patched once, here at the boundary: waitress answers some errors before the app runs.
-    waitress.utilities.Error.to_response = _json_error  # type: ignore[method-assign]
-    server = waitress.create_server(app, host=host, port=port, **settings)
-    socket_map = getattr(server, "map", None) or server._map  # Multi- or single-socket
+    server = WaitressServer(app, host, port, head_timeout=head_timeout, **settings)
     stopping: list[str] = []
 
     def stop(signum: int, frame: object) -> None:
         # Only a flag: raising here could land inside a waitress handler and drop a channel.
         stopping.append(signal.Signals(signum).name)
-        if hasattr(server, "pull_trigger"):
-            server.pull_trigger()  # wake the poll now rather than at its next timeout
+        server.wake()  # end the poll now rather than at its timeout
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    bound = getattr(server, "effective_host", host), getattr(server, "effective_port", port)
-    logger.info("%s listening on http://%s:%s", name, bound[0], bound[1])
-    loop = server.asyncore
+    logger.info("%s listening on http://%s:%s", name, server.bound[0], server.bound[1])
+    # Short enough that a deadline is enforced within a fraction of a second of passing.
+    tick = min(0.5, head_timeout / 4)
+    next_sweep = 0.0
     while not stopping:
-        loop.loop(timeout=server.adj.asyncore_loop_timeout, map=socket_map,
-                  use_poll=server.adj.asyncore_use_poll, count=1)
+        server.poll(tick)
+        now = time.monotonic()
+        if now >= next_sweep:
+            next_sweep = now + tick
+            closed = server.sweep(now)
+            if closed:
+                logger.info("closed %d connection(s) that sent no complete request within "
+                            "%g s", closed, head_timeout)
     logger.info("received %s, finishing requests in flight", stopping[0])
-    _drain(server, socket_map, grace)
+    _drain(server, grace)
     logger.info("%s stopped", name)
 
 
-def _drain(server: Any, socket_map: dict[int, Any], grace: float) -> None:
-    for channel in list(socket_map.values()):
-        if isinstance(channel, BaseWSGIServer):
-            wasyncore.dispatcher.close(channel)  # stop accepting; keep the others
+def _drain(server: WaitressServer, grace: float) -> None:
+    server.stop_accepting()
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(
-        isinstance(c, HTTPChannel) and (c.requests or c.total_outbufs_len)
-        for c in list(socket_map.values())
-    ):
-        server.asyncore.loop(timeout=0.05, map=socket_map, use_poll=True, count=1)
-    server.task_dispatcher.shutdown(timeout=1)
-    wasyncore.close_all(socket_map)
+    while time.monotonic() < deadline and server.busy():
+        server.poll(0.05)
+    server.close(worker_timeout=1)

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 from procfleet.configcheck import ConfigError
 from procfleet.logs import setup_logging
-from procfleet.serve import ListenError, is_loopback, parse_listen, raise_file_limit, serve
+from procfleet.netaddr import ListenError, is_loopback, parse_listen
+from procfleet.serve import raise_file_limit, serve
 from query import config as query_config
 from query.app import create_app
 from query.auth import key_hash, new_key
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = create_app(config, discovery=discovery, fanout=fanout)
             try:
                 serve(app, host, port, logger=log, name="procfleet-query",
-                      threads=config.threads)
+                      threads=config.threads, head_timeout=config.head_timeout)
             except OSError as exc:
                 log.error("cannot listen", extra={"fields": {"listen": listen, "reason": exc}})
                 return 1

@@ -2,6 +2,7 @@
 
     listen: 127.0.0.1:8080
     threads: 16
+    head_timeout: 10                                # seconds to deliver a complete request
     log_level: info
     timeouts: {exporter: 2.0, request: 5.0}        # seconds
     fanout: {max_in_flight: 256, max_body_bytes: 1048576, max_list_body_bytes: 16777216}
@@ -46,7 +47,7 @@ from procfleet import filetrust
 from procfleet.configcheck import ConfigError, Problems, is_sha256_hex, read_yaml
 from procfleet.hostnames import hostname_problem, is_hostname
 from procfleet.logs import LOG_LEVELS
-from procfleet.serve import ListenError, parse_listen
+from procfleet.netaddr import ListenError, parse_listen
 from query.targets import is_label_key, is_label_value
 
 PERMISSIONS = ("process:read", "node:read")
@@ -183,6 +184,7 @@ class Config:
 
     listen: str = DEFAULT_LISTEN
     threads: int = 16
+    head_timeout: float = 10.0
     log_level: str = "info"
     timeouts: Timeouts = Timeouts()
     fanout: FanoutLimits = FanoutLimits()
@@ -249,8 +251,9 @@ def load(path: str | Path, *, allow_insecure: bool = False) -> Config:
     return config
 
 
-_TOP_KEYS = {"listen", "threads", "log_level", "timeouts", "fanout", "exporter_token",
-             "exporter_token_scope", "auth", "exporters", "file_sd", "prometheus", "discovery"}
+_TOP_KEYS = {"listen", "threads", "head_timeout", "log_level", "timeouts", "fanout",
+             "exporter_token", "exporter_token_scope", "auth", "exporters", "file_sd",
+             "prometheus", "discovery"}
 SOURCES = ("static", "file_sd", "prometheus")
 
 
@@ -275,12 +278,16 @@ def parse(data: Any, *, source: str = "<config>", base_dir: Path | None = None) 
     threads = problems.typed(data, "threads", int, 16, "")
     if not 1 <= threads <= 1024:
         problems.add("threads", f"must be 1 to 1024, got {threads}")
+    head_timeout = problems.number(data, "head_timeout", 10.0, "")
+    if not 1 <= head_timeout <= 300:
+        problems.add("head_timeout", f"must be 1 to 300 seconds, got {head_timeout}")
     log_level = problems.one_of(data, "log_level", LOG_LEVELS, "info", "")
     exporter_token = _token(problems, data, "exporter_token", "")
 
     config = Config(
         listen=listen,
         threads=threads,
+        head_timeout=head_timeout,
         log_level=log_level,
         timeouts=_timeouts(problems, data.get("timeouts")),
         fanout=_fanout(problems, data.get("fanout")),

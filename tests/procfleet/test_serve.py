@@ -11,7 +11,6 @@ import time
 import pytest
 import requests
 
-from procfleet.serve import ListenError, is_loopback, parse_listen
 from procfleet.testing import free_port
 
 APP = """
@@ -92,26 +91,3 @@ def test_oversized_body_is_a_json_413(server):
     got = requests.post(url + "/", data=b"x" * 70000, timeout=5)
     assert got.status_code == 413
     assert got.json()["code"] == 413
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("127.0.0.1:9256", ("127.0.0.1", 9256)),
-    ("[::1]:8080", ("::1", 8080)),
-    ("0.0.0.0:0", ("0.0.0.0", 0)),
-])
-def test_parse_listen(text, expected):
-    assert parse_listen(text) == expected
-
-
-@pytest.mark.parametrize("text", ["9256", ":9256", "host:", "host:port", "h:70000"])
-def test_parse_listen_rejects(text):
-    with pytest.raises(ListenError):
-        parse_listen(text)
-
-
-@pytest.mark.parametrize("host, loopback", [
-    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("localhost", True),
-    ("0.0.0.0", False), ("::", False), ("10.0.0.1", False), ("example.org", False),
-])
-def test_is_loopback(host, loopback):
-    assert is_loopback(host) is loopback

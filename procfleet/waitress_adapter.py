@@ -1,0 +1,268 @@
+"""Every use of waitress's internals, in one module, checked against the version it was written for.
+
+waitress's public API is `serve()`/`create_server()` and its settings. procfleet needs a little
+more, and all of it lives here:
+
+* strict request framing: a request with both Content-Length and Transfer-Encoding is refused
+  (400) instead of being read as chunked (`StrictParser`, installed as the channel's parser);
+* a request deadline: a connection that has not delivered a complete request within
+  `head_timeout` seconds of opening (or of its first byte after the previous answer) is closed,
+  so clients that trickle a header byte at a time cannot hold the connection slots
+  (`Channel.waiting_since`, enforced by `WaitressServer.sweep`);
+* waitress's own error answers (400, 413, 431, 500, 501) in the one JSON error shape
+  (`JsonErrorTask`), per channel instead of patching `waitress.utilities.Error` process-wide;
+* the event loop run one poll() at a time, with a drain on shutdown (listening sockets closed,
+  answers in flight finished, workers stopped).
+
+`waitress_problems()` lists every way the installed waitress differs from what this module was
+written for (version range, and the presence and signature of each internal it uses);
+tests/procfleet/test_waitress_adapter.py fails on any of them, and `create_server` logs them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import inspect
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import waitress
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser, ParsingError
+from waitress.server import BaseWSGIServer, MultiSocketServer
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
+
+from procfleet.web import error_body
+
+log = logging.getLogger(__name__)
+
+# Connections accepted per wake-up of a listening socket. waitress accepts one per pass of the
+# loop, and a pass polls every connection: after a wave of closes (the deadline expiring
+# for a flood of slow clients, who reconnect at once) a client in the backlog would wait for
+# a thousand passes.
+ACCEPT_BURST = 64
+
+# Lowest supported version (inclusive) and the first one not yet reviewed (exclusive).
+SUPPORTED = ((3, 0, 0), (3, 1, 0))
+
+# (object, attribute, parameters its signature must have, or None for a plain attribute).
+# Each is an internal this module reads, overrides or calls; keep the list in step with the code.
+INTERNALS: tuple[tuple[Any, str, tuple[str, ...] | None], ...] = (
+    (waitress, "create_server", ("application", "map", "_start", "_sock", "_dispatcher", "kw")),
+    (BaseWSGIServer, "channel_class", None),
+    (BaseWSGIServer, "accepting", None),
+    (BaseWSGIServer, "pull_trigger", ("self",)),
+    (BaseWSGIServer, "readable", ("self",)),
+    (BaseWSGIServer, "handle_accept", ("self",)),
+    (MultiSocketServer, "__init__",
+     ("self", "map", "adj", "effective_listen", "dispatcher", "log_info")),
+    (ThreadedTaskDispatcher, "shutdown", ("self", "cancel_pending", "timeout")),
+    (HTTPChannel, "__init__", ("self", "server", "sock", "addr", "adj", "map")),
+    (HTTPChannel, "received", ("self", "data")),
+    (HTTPChannel, "parser_class", None),
+    (HTTPChannel, "error_task_class", None),
+    (HTTPChannel, "will_close", None),
+    (HTTPChannel, "total_outbufs_len", None),
+    (HTTPRequestParser, "__init__", ("self", "adj")),
+    (HTTPRequestParser, "received", ("self", "data")),
+    (HTTPRequestParser, "parse_header", ("self", "header_plus")),
+    (HTTPRequestParser, "completed", None),
+    (HTTPRequestParser, "empty", None),
+    (ErrorTask, "execute", ("self",)),
+    (ErrorTask, "set_close_on_finish", ("self",)),
+    (ErrorTask, "write", ("self", "data")),
+    (wasyncore, "loop", ("timeout", "use_poll", "map", "count")),
+    (wasyncore, "close_all", ("map", "ignore_all")),
+    (wasyncore.dispatcher, "close", ("self",)),
+)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit()) or "0"
+        parts.append(int(digits))
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def waitress_problems(version: str | None = None) -> list[str]:
+    """Every difference between the installed waitress and what this module expects."""
+    version = version or importlib.metadata.version("waitress")
+    low, high = SUPPORTED
+    problems: list[str] = []
+    if not low <= _version_tuple(version) < high:
+        problems.append(f"waitress {version} is outside the supported range "
+                        f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}: review "
+                        f"procfleet/waitress_adapter.py against it and widen SUPPORTED")
+    for owner, name, params in INTERNALS:
+        where = f"{getattr(owner, '__name__', owner)}.{name}"
+        if not hasattr(owner, name):
+            problems.append(f"{where} is gone")
+            continue
+        if params is None:
+            continue
+        try:
+            got = tuple(inspect.signature(getattr(owner, name)).parameters)
+        except (TypeError, ValueError):
+            problems.append(f"{where} has no inspectable signature")
+            continue
+        if got != params:
+            problems.append(f"{where} takes {got}, expected {params}")
+    return problems
+
+
+class StrictParser(HTTPRequestParser):
+    """waitress's request parser, refusing framing that proxies and servers read differently.
+
+    With both Content-Length and Transfer-Encoding, waitress reads the body as chunked (as
+    RFC 9112 section 6.3 allows) but a proxy in front may use the length: a request smuggling
+    vector. The RFC also allows rejecting it, which h11 and most servers do; so do we (400).
+    """
+
+    def __init__(self, adj: Any, on_complete: Callable[[], None] | None = None) -> None:
+        super().__init__(adj)
+        self._on_complete = on_complete
+
+    def parse_header(self, header_plus: bytes) -> None:
+        names = {line.split(b":", 1)[0].lower()
+                 for line in header_plus.split(b"\r\n")[1:]
+                 if line[:1] not in (b" ", b"\t")}  # obs-fold continuation, not a name
+        if b"content-length" in names and b"transfer-encoding" in names:
+            raise ParsingError("a request must not carry both Content-Length and "
+                               "Transfer-Encoding")
+        super().parse_header(header_plus)
+
+    def received(self, data: bytes) -> int:
+        consumed: int = super().received(data)
+        # Blank lines complete an "empty" request that is dropped: they must not count as a
+        # request, or a client sending CRLF now and then would never meet the deadline.
+        if self.completed and not self.empty and self._on_complete is not None:
+            self._on_complete()
+            self._on_complete = None
+        return consumed
+
+
+class JsonErrorTask(ErrorTask):
+    """waitress's own error answers (bad request line, 413, 431, 501, 500) as JSON."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        reason = str(error.reason)
+        body = json.dumps(error_body(int(error.code), reason.lower(),
+                                     str(error.body) or reason)).encode("utf-8")
+        self.status = f"{error.code} {reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class Channel(HTTPChannel):
+    """One client connection, with the clock of the request deadline.
+
+    `waiting_since` is the monotonic time since which the connection owes a complete request:
+    set when it is accepted and at its first byte after an answer, cleared when a request
+    (head and any body) has fully arrived. None means idle between requests, which waitress's
+    own channel_timeout bounds.
+    """
+
+    error_task_class = JsonErrorTask
+
+    def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
+        self.waiting_since: float | None = time.monotonic()
+        super().__init__(server, sock, addr, adj, map)
+        # An instance-level parser factory, so the parser can report a complete request back.
+        self.parser_class = self._new_parser
+
+    def _new_parser(self, adj: Any) -> StrictParser:
+        return StrictParser(adj, on_complete=self._request_complete)
+
+    def _request_complete(self) -> None:
+        self.waiting_since = None
+
+    def received(self, data: bytes) -> bool:
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+        return bool(super().received(data))
+
+
+def _accept_burst(listener: BaseWSGIServer) -> None:
+    """Accept up to ACCEPT_BURST waiting connections, within waitress's connection limit."""
+    connections = listener._map  # the socket map waitress counts against connection_limit
+    for _ in range(ACCEPT_BURST):
+        before = len(connections)
+        BaseWSGIServer.handle_accept(listener)
+        if len(connections) == before or len(connections) >= listener.adj.connection_limit:
+            return  # nothing more waiting (or a failed accept, logged), or the limit
+
+
+class WaitressServer:
+    """A waitress server driven one poll() at a time by procfleet.serve."""
+
+    def __init__(self, app: Callable[..., Any], host: str, port: int, *, head_timeout: float,
+                 **settings: Any) -> None:
+        for problem in waitress_problems():
+            log.warning("%s", problem)
+        # poll() instead of select(): select() fails on fd numbers past 1023, which a service
+        # with a raised open-files limit reaches under load.
+        settings["asyncore_use_poll"] = True
+        self._server = waitress.create_server(app, host=host, port=port, **settings)
+        # A single listener is returned itself; several (e.g. a name resolving to v4 and v6)
+        # come wrapped in a MultiSocketServer holding the shared map.
+        self.map: dict[int, Any] = (self._server.map if hasattr(self._server, "map")
+                                    else self._server._map)
+        self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
+        for listener in self.listeners:
+            listener.channel_class = Channel  # per server object, not process-wide
+            listener.handle_accept = functools.partial(_accept_burst, listener)
+        self.head_timeout = head_timeout
+        # getnameinfo() gives the port as text.
+        self.bound = (str(self.listeners[0].effective_host),
+                      int(self.listeners[0].effective_port))
+
+    def poll(self, timeout: float) -> None:
+        """Handle what is ready (accepts, reads, writes), waiting at most `timeout` seconds."""
+        wasyncore.loop(timeout=timeout, map=self.map, use_poll=True, count=1)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Close connections that owe a request past the deadline; return how many."""
+        now = time.monotonic() if now is None else now
+        cutoff = now - self.head_timeout
+        closed = 0
+        for channel in list(self.map.values()):
+            if (isinstance(channel, Channel) and not channel.requests
+                    and channel.waiting_since is not None and channel.waiting_since < cutoff
+                    and not channel.will_close):
+                # Closed by the loop's next pass, as waitress's own channel_timeout does.
+                channel.will_close = True
+                closed += 1
+        return closed
+
+    def wake(self) -> None:
+        """Make a poll() in progress return now (safe from a signal handler)."""
+        self.listeners[0].pull_trigger()
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; connections already accepted carry on."""
+        for listener in self.listeners:
+            # dispatcher.close, not the server's close: that would also close the trigger
+            # the drain still needs to wake the loop.
+            wasyncore.dispatcher.close(listener)
+
+    def busy(self) -> bool:
+        """True while some connection has a request in progress or an answer to send."""
+        return any(isinstance(c, HTTPChannel) and (c.requests or c.total_outbufs_len)
+                   for c in list(self.map.values()))
+
+    def connections(self) -> int:
+        return sum(isinstance(c, HTTPChannel) for c in list(self.map.values()))
+
+    def close(self, worker_timeout: float = 1.0) -> None:
+        """Stop the worker threads (bounded) and close every socket."""
+        self._server.task_dispatcher.shutdown(timeout=worker_timeout)
+        wasyncore.close_all(self.map)
