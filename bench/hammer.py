@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from urllib.parse import urlsplit
 
-
 _NUMBER = re.compile(r"[0-9]+([.:TZ-][0-9Z]+)*")
 
 
