@@ -5,7 +5,10 @@
     head_timeout: 10                                # seconds to deliver a complete request
     log_level: info
     timeouts: {exporter: 2.0, request: 5.0}        # seconds
-    fanout: {max_in_flight: 256, max_body_bytes: 1048576, max_list_body_bytes: 16777216}
+    fanout: {max_in_flight: 256, max_body_bytes: 1048576, max_list_body_bytes: 16777216,
+             max_list_processes: 100000,            # per exporter's list answer
+             max_waiting_per_exporter: 4,           # default: a quarter of `threads`
+             circuit_cooldown: 5.0}                 # seconds an exporter's circuit stays open
     exporter_token: "<token>"                       # the fleet-wide exporter bearer token
     exporter_token_scope: {sources: [static],       # who gets it: these sources' exporters,
                            urls: ["https://*.prod.example.net:9256"]}   # only these origins
@@ -76,6 +79,11 @@ class FanoutLimits:
     max_in_flight: int = 256
     max_body_bytes: int = 1024 * 1024
     max_list_body_bytes: int = 16 * 1024 * 1024
+    # Decoding, not reading, is what a list answer costs in memory: bound it in processes.
+    max_list_processes: int = 100_000
+    # Requests (each holding one of `threads`) that may wait on one exporter at a time.
+    max_waiting_per_exporter: int = 4
+    circuit_cooldown: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -290,7 +298,7 @@ def parse(data: Any, *, source: str = "<config>", base_dir: Path | None = None) 
         head_timeout=head_timeout,
         log_level=log_level,
         timeouts=_timeouts(problems, data.get("timeouts")),
-        fanout=_fanout(problems, data.get("fanout")),
+        fanout=_fanout(problems, data.get("fanout"), threads),
         exporter_token=exporter_token,
         exporter_token_scope=_token_scope(problems, data.get("exporter_token_scope")),
         auth=_auth(problems, data.get("auth")),
@@ -315,21 +323,28 @@ def _timeouts(problems: Problems, raw: Any) -> Timeouts:
     return Timeouts(exporter=exporter, request=request)
 
 
-def _fanout(problems: Problems, raw: Any) -> FanoutLimits:
+def _fanout(problems: Problems, raw: Any, threads: int = 16) -> FanoutLimits:
     data = problems.mapping(raw, "fanout")
-    defaults = FanoutLimits()
-    problems.unknown_keys(data, {"max_in_flight", "max_body_bytes", "max_list_body_bytes"},
-                          "fanout")
-    values = {}
+    # One exporter may hold at most a quarter of the threads, so a hung one leaves the rest.
+    defaults = FanoutLimits(max_waiting_per_exporter=max(1, threads // 4))
+    problems.unknown_keys(data, {"max_in_flight", "max_body_bytes", "max_list_body_bytes",
+                                 "max_list_processes", "max_waiting_per_exporter",
+                                 "circuit_cooldown"}, "fanout")
+    values: dict[str, Any] = {}
     for key, minimum in (("max_in_flight", 1), ("max_body_bytes", 1024),
-                         ("max_list_body_bytes", 1024)):
+                         ("max_list_body_bytes", 1024), ("max_list_processes", 1),
+                         ("max_waiting_per_exporter", 1)):
         default = getattr(defaults, key)
         value = problems.typed(data, key, int, default, "fanout")
         if value < minimum:
             problems.add(f"fanout.{key}", f"must be at least {minimum}, got {value}")
             value = default
         values[key] = value
-    return FanoutLimits(**values)
+    cooldown = problems.number(data, "circuit_cooldown", defaults.circuit_cooldown, "fanout")
+    if cooldown > 3600:
+        problems.add("fanout.circuit_cooldown", f"must be at most 3600, got {cooldown}")
+        cooldown = defaults.circuit_cooldown
+    return FanoutLimits(**values, circuit_cooldown=cooldown)
 
 
 def _auth(problems: Problems, raw: Any) -> Auth:

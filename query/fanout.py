@@ -18,7 +18,16 @@ is the one place that turns what happened (an answer or an error) into a kind:
     timeout      no answer within the per-exporter timeout or the request deadline
     unreachable  refused, unresolvable, reset or closed before an answer
     bad_status   any other HTTP status (redirects are not followed)
-    bad_body     not JSON, not the documented shape, or larger than the cap
+    bad_body     not JSON, not the documented shape, or larger than the caps
+    rejected     not asked: its circuit is open after a failure, or too many requests
+                 already wait on it (see query.breaker); fails at once
+
+Concurrent identical calls (same exporter, same request) share one call in flight: a
+request that finds one under way waits for its result instead of asking again.
+
+An answer's JSON is checked before it is decoded, so a hostile answer cannot cost more than a
+bounded amount of memory or stack: at most `MAX_JSON_DEPTH` levels of nesting, and for lists
+at most `max_processes` objects and 12 JSON values per process (see `json_budget`).
 """
 
 from __future__ import annotations
@@ -28,30 +37,40 @@ import errno
 import json
 import logging
 import math
+import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlencode
 
 import procfleet
+from procfleet.params import LIST_LIMIT_MAX
 from procfleet.process import NOT_FOUND_ERROR, PROCESS_FIELDS
 from query import httpclient
+from query.breaker import Guards, Outcome
 from query.config import Config
 from query.discovery import Exporter
 
 log = logging.getLogger("query.fanout")
 
 Kind = Literal["ok", "not_found", "unsupported", "maintenance", "timeout", "unreachable",
-               "bad_status", "bad_body"]
-FAILURE_KINDS: tuple[Kind, ...] = ("timeout", "unreachable", "bad_status", "bad_body")
+               "bad_status", "bad_body", "rejected"]
+FAILURE_KINDS: tuple[Kind, ...] = ("timeout", "unreachable", "bad_status", "bad_body",
+                                   "rejected")
 _VALID: frozenset[str] = frozenset({"ok", "not_found", "unsupported"})
 _STATUS: Mapping[str, str] = {"ok": "ok", "maintenance": "skipped", "unsupported": "skipped"}
 
 MAINTENANCE_ERROR = "exporter is in maintenance"
 UNSUPPORTED_ERROR = "process lookup is unsupported on the exporter's platform"
 NOT_FOUND_BODY_CAP = 64 * 1024  # an exporter's 404 error body is a few dozen bytes
+# The documented answers nest three levels ({"processes": [{...}]}); anything far deeper is
+# hostile, and json.loads would recurse once per level (RecursionError past ~1,000).
+MAX_JSON_DEPTH = 32
+# JSON values one listed process may bring: its 9 fields and itself, plus room to grow. What
+# decoding costs is bounded by values (each at most ~70 bytes as Python objects), not bytes.
+VALUES_PER_PROCESS = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +97,11 @@ class Result:
         """True when the exporter could not give a valid answer (timeout, unreachable, ...)."""
         return self.kind in FAILURE_KINDS
 
+    @property
+    def observed(self) -> bool:
+        """True when the exporter was asked and this says how it is (valid or failed)."""
+        return self.kind != "rejected" and (self.valid or self.failure)
+
     def to_json(self, field_name: str) -> dict[str, Any]:
         """The API's result object: `field_name` (process/processes) only on ok, else `error`."""
         if self.kind == "ok":
@@ -98,6 +122,7 @@ class Call:
     max_body_bytes: int
     params: Mapping[str, str] = field(default_factory=dict)
     not_found_is_answer: bool = False
+    max_values: int | None = None  # JSON values an answer may hold; None: bytes bound it
 
     def body_cap(self, status: int) -> int | None:
         """How much of an answer with `status` to read; None: the status alone decides."""
@@ -125,15 +150,24 @@ def process_call(pid: int, max_body_bytes: int = 1024 * 1024) -> Call:
     return Call(f"/process/{pid}", decode, max_body_bytes, not_found_is_answer=True)
 
 
-def list_call(filters: Mapping[str, str], max_body_bytes: int = 16 * 1024 * 1024) -> Call:
-    """`GET /process?name=&user=&sort=&limit=`: the exporter's list, filters passed through."""
+def list_call(filters: Mapping[str, str], max_body_bytes: int = 16 * 1024 * 1024,
+              max_processes: int = LIST_LIMIT_MAX) -> Call:
+    """`GET /process?name=&user=&sort=&limit=`: the exporter's list, filters passed through.
+
+    An answer with more than `max_processes` processes is a failure (bad_body), found before
+    it is decoded: decoding is what costs memory (a 16 MiB list of tiny objects is millions
+    of Python objects), so the JSON is counted first (`json_budget`).
+    """
 
     def decode(data: Any) -> list[dict[str, Any]]:
         if not isinstance(data, dict) or not isinstance(data.get("processes"), list):
             raise BadBody("exporter answered JSON without a processes list")
+        if len(data["processes"]) > max_processes:
+            raise BadBody(f"exporter answered more than {max_processes} processes")
         return [clean_process(p) for p in data["processes"]]
 
-    return Call("/process", decode, max_body_bytes, params=dict(filters))
+    return Call("/process", decode, max_body_bytes, params=dict(filters),
+                max_values=max_processes * VALUES_PER_PROCESS + 64)
 
 
 def clean_process(data: Any) -> dict[str, Any]:
@@ -184,15 +218,36 @@ class _Job:
             self.task.cancel()
 
 
+class _Flight:
+    """One call in flight from a request thread, which others asking the same may wait for."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self, result: Result) -> None:
+        self.done = threading.Event()
+        self.result = result  # replaced by the leader's result before `done` is set
+
+
+FlightKey = tuple[str, str, "str | None", str, int, "int | None"]
+
+
+def _flight_key(exporter: Exporter, call: Call) -> FlightKey:
+    # The hostname is in the key because results carry it (two hostnames may share a URL).
+    return (exporter.hostname, exporter.url, exporter.token, call.target, call.max_body_bytes,
+            call.max_values)
+
+
 class Fanout:
     """Calls exporters: unicasts from the calling thread, broadcasts from an event-loop thread.
 
     Use as a context manager, or call `close()`: it closes the kept-alive connections and
-    stops the loop thread.
+    stops the loop thread. `max_waiting_per_exporter` and `circuit_cooldown` configure the
+    per-exporter bulkhead and circuit breaker (`query.breaker`).
     """
 
     def __init__(self, *, exporter_timeout: float = 2.0, request_timeout: float = 5.0,
-                 max_in_flight: int = 256) -> None:
+                 max_in_flight: int = 256, max_waiting_per_exporter: int = 4,
+                 circuit_cooldown: float = 5.0) -> None:
         self.exporter_timeout = exporter_timeout
         self.request_timeout = request_timeout
         self.max_in_flight = max_in_flight
@@ -214,13 +269,21 @@ class Fanout:
         self._sync_slots = threading.BoundedSemaphore(max_in_flight)
         self._client = httpclient.AsyncClient(self._resolver)
         self._slots: asyncio.Semaphore
+        self.guards = Guards(max_waiting=max_waiting_per_exporter, cooldown=circuit_cooldown)
+        # Calls in flight, by what they ask: from request threads, and on the loop. Each
+        # holds only calls under way, so they are bounded by the threads and `_slots`.
+        self._flights: dict[FlightKey, _Flight] = {}
+        self._flights_lock = threading.Lock()
+        self._loop_flights: dict[FlightKey, asyncio.Task[Result]] = {}
         asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout=10)
 
     @classmethod
     def from_config(cls, config: Config) -> Fanout:
         return cls(exporter_timeout=config.timeouts.exporter,
                    request_timeout=config.timeouts.request,
-                   max_in_flight=config.fanout.max_in_flight)
+                   max_in_flight=config.fanout.max_in_flight,
+                   max_waiting_per_exporter=config.fanout.max_waiting_per_exporter,
+                   circuit_cooldown=config.fanout.circuit_cooldown)
 
     async def _open(self) -> None:
         self._slots = asyncio.Semaphore(self.max_in_flight)
@@ -239,6 +302,10 @@ class Fanout:
             self._loop.close()
 
     async def _close_client(self) -> None:
+        flights = list(self._loop_flights.values())
+        for task in flights:
+            task.cancel()
+        await asyncio.gather(*flights, return_exceptions=True)
         self._client.close()
         await asyncio.sleep(0)  # let the transports finish closing their sockets
         await asyncio.sleep(0)
@@ -248,6 +315,10 @@ class Fanout:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def retain(self, hostnames: Collection[str]) -> None:
+        """Forget the breaker state of exporters not in `hostnames` (they left discovery)."""
+        self.guards.retain(hostnames)
 
     # -- what request threads call -------------------------------------------------------
 
@@ -277,28 +348,71 @@ class Fanout:
         return tried
 
     def _ask_sync(self, exporter: Exporter, call: Call, request_until: float) -> Result:
-        """Call one exporter from this thread by `request_until`; never raises."""
+        """Call one exporter from this thread by `request_until`, or share a call under way.
+
+        Never raises. Fails at once (`rejected`) when the exporter's circuit is open or too
+        many requests already wait on it.
+        """
         name = exporter.hostname
         if exporter.maintenance:
             return Result(name, "maintenance", MAINTENANCE_ERROR)
-        if not self._sync_slots.acquire(timeout=max(0.0, request_until - time.monotonic())):
-            return self._deadline_result(exporter)
+        refused = self.guards.enter(name)
+        if refused is not None:
+            return Result(name, "rejected", refused)
         try:
-            exporter_until = time.monotonic() + self.exporter_timeout
-            until = min(exporter_until, request_until)
+            key = _flight_key(exporter, call)
+            with self._flights_lock:
+                flight = self._flights.get(key)
+                leader = flight is None
+                if flight is None:
+                    flight = self._flights[key] = _Flight(
+                        Result(name, "unreachable", "the shared call failed"))
+            if not leader:
+                if flight.done.wait(timeout=max(0.0, request_until - time.monotonic())):
+                    return flight.result
+                return self._deadline_result(exporter)
             try:
-                origin, request = self._request(exporter, call)
-                outcome: httpclient.Response | Exception = self._sync.get(
-                    origin, request, until, call.body_cap)
-            except TimeoutError:
-                if request_until <= exporter_until:
-                    return self._deadline_result(exporter)
-                return Result(name, "timeout", self._timeout_error)
-            except (httpclient.HTTPError, ValueError) as exc:
-                outcome = exc
-            return classify(name, call, outcome)
+                flight.result = self._call_sync(exporter, call, request_until)
+            finally:
+                with self._flights_lock:
+                    del self._flights[key]
+                flight.done.set()
+            return flight.result
         finally:
-            self._sync_slots.release()
+            self.guards.leave(name)
+
+    def _call_sync(self, exporter: Exporter, call: Call, request_until: float) -> Result:
+        """The one real call behind `_ask_sync`, told to the circuit breaker."""
+        name = exporter.hostname
+        refused = self.guards.start_call(name)
+        if refused is not None:
+            return Result(name, "rejected", refused)
+        liveness: Outcome = "inconclusive"
+        try:
+            if not self._sync_slots.acquire(
+                    timeout=max(0.0, request_until - time.monotonic())):
+                return self._deadline_result(exporter)
+            try:
+                exporter_until = time.monotonic() + self.exporter_timeout
+                until = min(exporter_until, request_until)
+                try:
+                    origin, request = self._request(exporter, call)
+                    outcome: httpclient.Response | Exception = self._sync.get(
+                        origin, request, until, call.body_cap)
+                except TimeoutError:
+                    if request_until <= exporter_until:
+                        return self._deadline_result(exporter)
+                    liveness = "timeout"
+                    return Result(name, "timeout", self._timeout_error)
+                except (httpclient.HTTPError, ValueError) as exc:
+                    outcome = exc
+                result = classify(name, call, outcome)
+                liveness = _liveness(result)
+                return result
+            finally:
+                self._sync_slots.release()
+        finally:
+            self.guards.finish_call(name, liveness)
 
     def _resolve_on_loop(self, host: str, port: int, timeout: float) -> list[tuple]:
         # A name not yet in the resolver's cache: looked up by the loop (getaddrinfo in its
@@ -366,21 +480,54 @@ class Fanout:
                       f"timeout after {self.request_timeout:.1f} s (request deadline)")
 
     async def _ask(self, exporter: Exporter, call: Call) -> Result:
-        """Call one exporter on the loop; never raises (but may be cancelled by the deadline)."""
+        """Ask one exporter on the loop, or share a call under way; never raises (but may be
+        cancelled by the request deadline, which leaves the shared call running)."""
         name = exporter.hostname
         if exporter.maintenance:
             return Result(name, "maintenance", MAINTENANCE_ERROR)
-        async with self._slots:
-            try:
-                origin, request = self._request(exporter, call)
-                async with asyncio.timeout(self.exporter_timeout):
-                    outcome: httpclient.Response | Exception = await self._client.get(
-                        origin, request, call.body_cap)
-            except TimeoutError:
-                return Result(name, "timeout", self._timeout_error)
-            except (httpclient.HTTPError, ValueError) as exc:
-                outcome = exc
-            return classify(name, call, outcome)
+        refused = self.guards.enter(name, block=False)
+        if refused is not None:
+            return Result(name, "rejected", refused)
+        try:
+            key = _flight_key(exporter, call)
+            task = self._loop_flights.get(key)
+            if task is None:
+                task = asyncio.create_task(self._call(exporter, call))
+                self._loop_flights[key] = task
+                task.add_done_callback(lambda done: self._landed(key, done))
+            return await asyncio.shield(task)
+        finally:
+            self.guards.leave(name)
+
+    def _landed(self, key: FlightKey, task: asyncio.Task[Result]) -> None:
+        if self._loop_flights.get(key) is task:
+            del self._loop_flights[key]
+
+    async def _call(self, exporter: Exporter, call: Call) -> Result:
+        """The one real call behind `_ask`, bounded by the exporter timeout once it has a
+        slot, and told to the circuit breaker."""
+        name = exporter.hostname
+        refused = self.guards.start_call(name)
+        if refused is not None:
+            return Result(name, "rejected", refused)
+        liveness: Outcome = "inconclusive"
+        try:
+            async with self._slots:
+                try:
+                    origin, request = self._request(exporter, call)
+                    async with asyncio.timeout(self.exporter_timeout):
+                        outcome: httpclient.Response | Exception = await self._client.get(
+                            origin, request, call.body_cap)
+                except TimeoutError:
+                    liveness = "timeout"
+                    return Result(name, "timeout", self._timeout_error)
+                except (httpclient.HTTPError, ValueError) as exc:
+                    outcome = exc
+                result = classify(name, call, outcome)
+                liveness = _liveness(result)
+                return result
+        finally:
+            self.guards.finish_call(name, liveness)
 
     def _request(self, exporter: Exporter, call: Call) -> tuple[httpclient.Origin, bytes]:
         """Where to send the call and its request head (ValueError for an unusable URL)."""
@@ -410,7 +557,8 @@ def classify(hostname: str, call: Call, outcome: httpclient.Response | Exception
             return Result(hostname, "bad_body",
                           f"exporter answer exceeds {call.max_body_bytes} bytes")
         try:
-            return Result(hostname, "ok", data=call.decode(json.loads(outcome.body)))
+            return Result(hostname, "ok",
+                          data=call.decode(loads(outcome.body, max_values=call.max_values)))
         except BadBody as exc:
             return Result(hostname, "bad_body", str(exc))
         except ValueError:  # JSONDecodeError, UnicodeDecodeError
@@ -421,6 +569,92 @@ def classify(hostname: str, call: Call, outcome: httpclient.Response | Exception
     if status == 501:
         return Result(hostname, "unsupported", UNSUPPORTED_ERROR)
     return Result(hostname, "bad_status", _status_message(status))
+
+
+def _liveness(result: Result) -> Outcome:
+    """What a call's result says to the circuit breaker (timeouts are told by the caller)."""
+    if result.kind == "unreachable":
+        return "connect_failed"
+    if result.kind == "timeout":
+        return "timeout"
+    return "answered"  # even a bad answer: the exporter is there and responsive
+
+
+# What decides a JSON text's shape once its escaped backslashes and quotes are gone: string
+# ends, brackets, and the separators that keep one string's end from the next one's start.
+_SKELETON_DELETE = bytes(c for c in range(256) if c not in b'"[]{},:')
+_JSON_STRING = re.compile(rb'"[^"]*"')
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
+# Smaller answers are too short to nest deeply or hold many values: skip the scan.
+_SCAN_ABOVE = 512
+_SCAN_PIECE = 256 * 1024
+
+
+def json_budget(body: bytes, *, max_depth: int = MAX_JSON_DEPTH,
+                max_values: int | None = None) -> None:
+    """Raise BadBody when `body` nests deeper than `max_depth` or holds too many values.
+
+    Cheap: a few passes of bytes methods in C, and no Python object per value or string.
+    Exact for valid UTF-8 JSON (in UTF-8 no byte of a multi-byte character is a quote, a
+    backslash or a bracket); for invalid JSON exact up to the first error, which is where
+    json.loads stops too. Values are over-counted as commas plus containers, which every
+    value but a first one in its container follows or is.
+    """
+    if len(body) <= _SCAN_ABOVE:
+        return
+    skeleton = body.replace(b"\\\\", b"").replace(b'\\"', b"").translate(
+        None, _SKELETON_DELETE)
+    # Strings that held nothing structural are now "": gone in one pass. In valid JSON a
+    # string's end is followed by , : ] or }, so "" is never one end and the next start.
+    skeleton = skeleton.replace(b'""', b"")
+    if b'"' in skeleton:
+        skeleton = _cut_strings(skeleton)
+    values = skeleton.count(b",") + skeleton.count(b"{") + skeleton.count(b"[") + 1
+    if max_values is not None and values > max_values:
+        raise BadBody(f"exporter answered more than {max_values} JSON values")
+    # Depth: each pass removes the innermost pairs (replace never pairs what it just joined).
+    nesting = skeleton.translate(_AS_SQUARE, b",:")
+    del skeleton
+    depth = 0
+    while nesting:
+        if depth == max_depth:
+            raise BadBody(f"exporter answered malformed JSON (nested deeper than "
+                          f"{max_depth} levels)")
+        shorter = nesting.replace(b"[]", b"")
+        if len(shorter) == len(nesting):
+            raise BadBody("exporter answered malformed JSON (unbalanced brackets)")
+        nesting = shorter
+        depth += 1
+
+
+def _cut_strings(skeleton: bytes) -> bytes:
+    """`skeleton` without its strings, cut out piece by piece so that a million strings never
+    make a million objects at once. A piece that starts or ends inside a string gets the
+    quote it lacks: every quote left opens or closes one, so counting them says which."""
+    kept: list[bytes] = []
+    inside = False
+    for start in range(0, len(skeleton), _SCAN_PIECE):
+        piece = skeleton[start:start + _SCAN_PIECE]
+        ends_inside = inside != (piece.count(b'"') % 2 == 1)
+        if inside:
+            piece = b'"' + piece
+        if ends_inside:
+            piece += b'"'
+        kept.append(_JSON_STRING.sub(b"", piece))
+        inside = ends_inside
+    return b"".join(kept)
+
+
+def loads(body: bytes, *, max_values: int | None = None) -> Any:
+    """An exporter's UTF-8 JSON answer decoded within `json_budget` (BadBody if over it).
+
+    ValueError for anything that is not UTF-8 JSON (RFC 8259 allows no other encoding).
+    """
+    json_budget(body, max_values=max_values)
+    try:
+        return json.loads(body.decode("utf-8"))
+    except RecursionError:  # the depth scan makes this unreachable; a last guard
+        raise BadBody("exporter answered malformed JSON (nested too deeply)") from None
 
 
 def _failure(error: Exception) -> tuple[Kind, str]:
@@ -452,8 +686,8 @@ def _says_not_found(body: bytes) -> bool:
     if not body:
         return False
     try:
-        data = json.loads(body)
-    except ValueError:
+        data = loads(body)
+    except ValueError:  # BadBody too
         return False
     return isinstance(data, dict) and data.get("error") == NOT_FOUND_ERROR
 

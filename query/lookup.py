@@ -57,6 +57,7 @@ class Lookup:
         self.fanout = fanout
         self.limits = limits or FanoutLimits()
         self.observer = observer
+        self._fleet: object = None
 
     def process(self, target: Target, pid: int) -> Answer:
         """`GET /node/{target}/process/{pid}`."""
@@ -65,11 +66,16 @@ class Lookup:
 
     def processes(self, target: Target, filters: Mapping[str, str]) -> Answer:
         """`GET /node/{target}/process?…`: each exporter's filtered list."""
-        call = list_call(filters, self.limits.max_list_body_bytes)
+        call = list_call(filters, self.limits.max_list_body_bytes,
+                         self.limits.max_list_processes)
         return self._run(target, call, "the process list")
 
     def _run(self, target: Target, call: Call, what: str) -> Answer:
-        exporters = resolve(target, self.discovery.fleet.exporters)
+        fleet = self.discovery.fleet
+        if fleet is not self._fleet:  # exporters left: their breaker state goes with them
+            self._fleet = fleet
+            self.fanout.retain(fleet.by_hostname)
+        exporters = resolve(target, fleet.exporters)
         if not exporters:
             return Answer(404, error="target not found",
                           details=f"no exporter matches target {str(target)!r}")
@@ -92,7 +98,7 @@ class Lookup:
 
     def _observe(self, results: Sequence[Result]) -> None:
         for result in results:
-            if result.valid or result.failure:
+            if result.observed:
                 self.health.record(result.hostname, result.valid, result.error)
         if self.observer is not None:
             self.observer.exporter_results(results)

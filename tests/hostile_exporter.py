@@ -146,6 +146,13 @@ async def nested(conn: Conn) -> bool:
     return True
 
 
+@mode("nested-closed")
+async def nested_closed(conn: Conn) -> bool:
+    """Valid JSON nested 5,000 deep (`[` x 5,000 then `]` x 5,000, 10 KB)."""
+    await conn.send(answer(b"[" * 5000 + b"]" * 5000))
+    return True
+
+
 def _gzip_stream() -> Iterator[bytes]:
     """A gzip stream of zeros, ~1,000:1, promising up to GZIP_LIMIT decoded bytes.
 
