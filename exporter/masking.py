@@ -31,6 +31,7 @@ characters of an argument and `USER_PATTERN_BUDGET` characters of a command line
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections import OrderedDict
@@ -45,6 +46,10 @@ USER_PATTERN_BUDGET = 16 * 1024  # characters of one command line user patterns 
 USER_FLAG_SPAN = 256  # a longer argument is not a flag; user flag regexes skip it
 # Shell strings nest (`bash -c "sh -c '…'"`); each level costs one more linear pass.
 SHELL_DEPTH = 3
+# Words of shell strings one command line gets per-word analysis for; past it, what is left
+# of a string is masked whole when it holds a credential word or a program with rules. Keeps
+# a hostile `bash -c "<64K words>"` linear with a small constant, and fails closed.
+SHELL_WORD_BUDGET = 4096
 
 
 _Span = tuple[int, int]
@@ -71,6 +76,15 @@ _SEGMENT_SPLIT = re.compile(r"[-_.]")
 
 def is_secret_name(name: str) -> bool:
     """Whether an option or key name (`--db-password`, `MYSQL_PWD`, `X-Api-Key`) names a secret."""
+    return _is_secret_short(name) if len(name) <= 64 else _is_secret(name)
+
+
+@functools.lru_cache(maxsize=4096)  # names repeat; bounded in count and (<= 64 chars) size
+def _is_secret_short(name: str) -> bool:
+    return _is_secret(name)
+
+
+def _is_secret(name: str) -> bool:
     low = name.lower().lstrip("-")
     segments = _SEGMENT_SPLIT.split(low)
     if segments[0] in _HARMLESS_FIRST or segments[-1] in _HARMLESS_LAST:
@@ -84,12 +98,14 @@ def is_secret_name(name: str) -> bool:
 # -- generic rules over one text -----------------------------------------------------------
 
 _NAME = r"[\w.-]"
-# A name run followed by its separator. Only a run's first character may start a match
-# (the lookbehind), the run is taken possessively, and the lookahead stops at the run's end,
-# so each character is looked at a bounded number of times: linear.
-_KEY_SEP = re.compile(
-    rf"(?<!{_NAME})(?={_NAME}*?{_CANDIDATE})(?P<key>{_NAME}++)(?P<close>[\"']?)"
-    r"(?P<sep>[ \t]*+[:=]|[ \t]++)", re.I)
+# Scanning is driven by C-speed substring search in the lowercased text: a credential word
+# is found first, then the run of name characters around it is matched possessively, once.
+# Each run is looked at a bounded number of times, so the whole scan is linear.
+_CANDIDATES = ("pass", "pw", "secret", "token", "key", "credential", "sig", "auth", "session",
+               "cookie")
+_CANDIDATE_RX = re.compile("|".join(_CANDIDATES))  # on lowercased text: no (?i), fast
+_RUN = re.compile(rf"{_NAME}*+")
+_KEY_AT = re.compile(rf"(?P<key>{_NAME}++)(?P<close>[\"']?)(?P<sep>[ \t]*+[:=]|[ \t]++)")
 # Where a line's first name may begin: after dashes, quotes, blanks, and one `NAME=` (so
 # that `--header=Authorization: x` and `-Dx.password=y` lead too).
 _LINE_LEAD = re.compile(rf"(?m)^(?P<lead>[-\"' \t]*+)(?:{_NAME}++=[\"' \t]*+)?")
@@ -97,22 +113,32 @@ _UNQUOTED_VALUE = re.compile(r"[^\s&,;\"'})\]]++")
 _DQ_VALUE = re.compile(r'(?:[^"\\\n]++|\\.)*+')
 _SQ_VALUE = re.compile(r"[^'\n]*+")
 _URL_USERINFO = re.compile(r"(?<![\w+.-])(?P<scheme>[A-Za-z][\w+.-]*+)://(?P<info>[^\s/?#@]*+)@")
-_AUTH_SCHEME = re.compile(r"(?i)(?<![\w-])(?:bearer|basic|token|digest)[ \t]++"
-                          r"(?P<value>[\w.~+/=-]++)")
+_SCHEMES = ("bearer", "basic", "token", "digest")
+_AUTH_SCHEME = re.compile(r"(?<![\w-])(?:bearer|basic|token|digest)[ \t]++"
+                          r"(?P<value>[\w.~+/=-]++)")  # on lowercased text
 _SCHEME_WORD = re.compile(r"(?i)(?:bearer|basic|token|digest|negotiate)[ \t]++")
 _TOKEN_IN_USER = frozenset({"http", "https", "git+https", "git+http", "ws", "wss"})
-_MAYBE_SECRET = re.compile(rf"(?i){_CANDIDATE}|://")
 
 
-def _lead_ends(text: str) -> dict[int, str]:
-    """Position where a name leads its line -> the quotes before it (for the value's end)."""
-    ends: dict[int, str] = {}
-    for m in _LINE_LEAD.finditer(text):
-        lead = m.group("lead")
-        quotes = "".join(q for q in "\"'" if q in lead)
-        ends[m.end("lead")] = quotes
-        if m.end() != m.end("lead"):
-            ends[m.end()] = quotes + "".join(q for q in "\"'" if q in m.group(0)[len(lead):])
+def _lower(text: str) -> str | None:
+    """`text` lowercased with every character where it was, or None when that is impossible."""
+    low = text.lower()
+    return low if len(low) == len(text) else None
+
+
+def _has_candidate(low: str) -> bool:
+    return any(word in low for word in _CANDIDATES)
+
+
+def _line_leads(text: str, line_start: int) -> dict[int, str]:
+    """Where a name leads the line starting at `line_start` -> the quotes opened before it."""
+    m = _LINE_LEAD.match(text, line_start)
+    assert m is not None  # every part of the pattern is optional
+    lead = m.group("lead")
+    quotes = "".join(q for q in "\"'" if q in lead)
+    ends = {m.end("lead"): quotes}
+    if m.end() != m.end("lead"):
+        ends[m.end()] = quotes + "".join(q for q in "\"'" if q in m.group(0)[len(lead):])
     return ends
 
 
@@ -123,16 +149,36 @@ def _line_end(text: str, start: int) -> int:
 
 def text_spans(text: str) -> list[_Span]:
     """Spans of `text` the generic rules mask (may overlap; unsorted)."""
-    if _MAYBE_SECRET.search(text) is None:
-        return []  # the common case, and the cheapest: one C-speed scan
+    low = _lower(text)
+    if low is None:  # rare scripts whose case folding changes lengths: mask by the original
+        low = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
     spans: list[_Span] = []
-    leads: dict[int, str] | None = None
+    if "://" in text:
+        for m in _URL_USERINFO.finditer(text):
+            info = m.group("info")
+            colon = info.find(":")
+            if colon >= 0:
+                spans.append((m.start("info") + colon + 1, m.end("info")))
+            elif info and m.group("scheme").lower() in _TOKEN_IN_USER:
+                spans.append(m.span("info"))  # https://TOKEN@github.com
+    if not _has_candidate(low):
+        return spans  # the common case, and the cheapest: a few C-speed substring searches
+    if any(word in low for word in _SCHEMES):
+        spans.extend(m.span("value") for m in _AUTH_SCHEME.finditer(low))
+    rev = text[::-1]
+    line_start, seen, leads = 0, 0, None  # the current line, scanned up to `seen`
     pos = 0
     while True:
-        m = _KEY_SEP.search(text, pos)
-        if m is None:
+        found = _CANDIDATE_RX.search(low, pos)
+        if found is None:
             break
-        start = m.start("key")
+        back = len(text) - found.start()  # where the text before the word starts in `rev`
+        run_start = found.start() - (_RUN.match(rev, back).end() - back)
+        m = _KEY_AT.match(text, run_start)
+        if m is None:
+            pos = _RUN.match(text, found.start()).end() + 1
+            continue
+        start = run_start
         pos = m.end("key")
         if not is_secret_name(m.group("key")):
             continue
@@ -140,8 +186,11 @@ def text_spans(text: str) -> list[_Span]:
         if ":" in sep and (text.startswith("//", m.end())
                            or (start > 0 and text[start - 1] in "/@")):
             continue  # a URL's scheme or host:port, not a name
-        if leads is None:
-            leads = _lead_ends(text)
+        newline = text.rfind("\n", seen, start)
+        seen = start
+        if newline >= 0 or leads is None:
+            line_start = newline + 1 if newline >= 0 else line_start
+            leads = _line_leads(text, line_start)
         key = m.group("key")
         dashes = len(key) - len(key.lstrip("-"))
         quotes = leads.get(start + dashes)
@@ -175,16 +224,6 @@ def text_spans(text: str) -> list[_Span]:
         if end > vstart:
             spans.append((vstart, end))
             pos = max(pos, end)
-    if "://" in text:
-        for m in _URL_USERINFO.finditer(text):
-            info = m.group("info")
-            colon = info.find(":")
-            if colon >= 0:
-                spans.append((m.start("info") + colon + 1, m.end("info")))
-            elif info and m.group("scheme").lower() in _TOKEN_IN_USER:
-                spans.append(m.span("info"))  # https://TOKEN@github.com
-    for m in _AUTH_SCHEME.finditer(text):
-        spans.append(m.span("value"))
     return spans
 
 
@@ -275,15 +314,16 @@ _FLAG = re.compile(r"--?+(?P<name>[\w.-]++)")
 _SHELL_TOKEN = re.compile(
     r"""(?P<sep>[;&|()`\n]++)|(?P<word>(?:[^\s;&|()`'"\\]++|\\.|'[^']*+'?|"(?:[^"\\]++|\\.)*+"?)++)""",
     re.S)
-_SHELL_INTERESTING = re.compile(
-    rf"(?i){_CANDIDATE}|mysql|mariadb|mycli|redis|keydb|valkey|sshpass|curl|wget|://")
+_PROGRAM_WORDS = ("mysql", "mariadb", "mycli", "redis", "keydb", "valkey", "sshpass", "curl",
+                  "wget")
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Rules:
     builtin: bool
     builtin_flags: bool
     flags: tuple[re.Pattern[str], ...]
+    shell_words: int = SHELL_WORD_BUDGET  # what is left of the budget
 
 
 def _command_spans(words: Sequence[str], rules: _Rules, depth: int) -> list[list[_Span]]:
@@ -358,8 +398,9 @@ def _keep(word: str) -> list[_Span]:
 def _shell_spans(text: str, rules: _Rules, depth: int) -> list[_Span]:
     """Spans of a shell string (`bash -c "mysql -pX && …"`), each command masked as argv."""
     inner, offset = _strip_quotes(text)
-    if _SHELL_INTERESTING.search(inner) is None:
-        return []
+    low = inner.lower()
+    if not (_has_candidate(low) or any(word in low for word in _PROGRAM_WORDS)):
+        return []  # no credential word and no program with rules: nothing to find
     spans: list[_Span] = []
     command: list[str] = []
     starts: list[int] = []
@@ -380,13 +421,27 @@ def _shell_spans(text: str, rules: _Rules, depth: int) -> list[_Span]:
             starts.clear()
 
     for m in _SHELL_TOKEN.finditer(inner):
+        if rules.shell_words <= 0:
+            tail = low[m.start():]
+            if _has_candidate(tail) or any(word in tail for word in _PROGRAM_WORDS):
+                spans.append((offset + m.start(), offset + len(inner)))
+            return spans
         if m.lastgroup == "sep":
             flush()
         else:
+            rules.shell_words -= 1
             command.append(m.group("word"))
             starts.append(m.start())
     flush()
     return spans
+
+
+def _may_hold_secret(argv: Sequence[str]) -> bool:
+    """False when no built-in rule can match anywhere in argv: one C-speed pass."""
+    joined = "\0".join(argv)
+    low = joined.lower()
+    return ("://" in joined or _has_candidate(low)
+            or any(word in low for word in _PROGRAM_WORDS))
 
 
 def apply_spans(text: str, spans: Iterable[_Span]) -> str:
@@ -443,7 +498,10 @@ class Masker:
         if not self.enabled or not argv:
             return [[] for _ in argv]
         rules = _Rules(self.builtin, self.builtin_flags, self.secret_flags)
-        spans = _command_spans(argv, rules, 0)
+        if self.builtin and not self.secret_flags and not _may_hold_secret(argv):
+            spans: list[list[_Span]] = [[] for _ in argv]
+        else:
+            spans = _command_spans(argv, rules, 0)
         budget = USER_PATTERN_BUDGET
         for arg, arg_spans in zip(argv, spans, strict=True):
             if budget <= 0 or not self.patterns:
@@ -457,6 +515,10 @@ class Masker:
     def mask_text(self, text: str) -> str:
         """One string that may hold a command line (argv[0] rewritten by its process)."""
         return self([text])[0]
+
+
+# The built-in rules, for callers not handed the configured masker.
+DEFAULT_MASKER = Masker.build()
 
 
 def _user_spans(pattern: re.Pattern[str], head: str, full: int) -> list[_Span]:
@@ -600,6 +662,7 @@ class MaskCache:
             self.bytes -= entry[3]
 
 
-__all__ = ["CACHE_MAX_BYTES", "MASK", "PROGRAM_RULES", "USER_PATTERN_BUDGET", "USER_PATTERN_SPAN",
+__all__ = ["CACHE_MAX_BYTES", "DEFAULT_MASKER", "MASK", "PROGRAM_RULES", "USER_PATTERN_BUDGET",
+           "USER_PATTERN_SPAN",
            "MaskCache", "Masker", "apply_spans", "backtracking_risk", "check_pattern",
            "is_secret_name", "text_spans"]

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import psutil
@@ -548,7 +548,9 @@ def to_info(sample: Sample, *, system: SystemFacts, user_name: UserNames,
         command = " ".join(args)
     return ProcessInfo(
         pid=sample.pid,
-        name=sample.name,
+        # A name completed from argv[0] is the process's own text: take it from masked argv.
+        name=sample.name if sample.name == sample.comm or command is None else replace(
+            sample, cmdline=list(args)).name,
         user=user_name(sample.uid) if sample.uid is not None else None,
         state=STATE_WORDS.get(sample.state, sample.state),
         cpu_percent=round(100.0 * (sample.utime + sample.stime) / age, 2),
