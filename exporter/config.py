@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.groups import GroupMatcher, parse_groups
-from exporter.masking import DEFAULT_PATTERNS, DEFAULT_SECRET_FLAGS, Masker, check_pattern
+from exporter.masking import Masker, backtracking_risk, check_pattern
 from procfleet.configcheck import ConfigError, Problems, is_sha256_hex, read_yaml
 from procfleet.hostnames import hostname_problem
 from procfleet.logs import LOG_LEVELS
@@ -170,14 +170,13 @@ def _masking(data: Any, problems: Problems) -> Masker:
     problems.unknown_keys(data, {"enabled", "patterns", "extra_patterns", "secret_flags"},
                           "masking")
     enabled = problems.typed(data, "enabled", bool, True, "masking")
-    patterns = list(_regex_list(data, "patterns", problems, value_group=True)
-                    or DEFAULT_PATTERNS)
-    patterns += _regex_list(data, "extra_patterns", problems, value_group=True)
+    # `patterns` replaces the built-in rules, `secret_flags` the built-in flag rule.
+    replaced = _regex_list(data, "patterns", problems, value_group=True)
+    patterns = replaced + _regex_list(data, "extra_patterns", problems, value_group=True)
     flags = _regex_list(data, "secret_flags", problems, value_group=False)
-    if "secret_flags" not in data:
-        flags = list(DEFAULT_SECRET_FLAGS)
     try:
-        return Masker.build(patterns, flags, enabled)
+        return Masker.build(patterns, flags if "secret_flags" in data else None, enabled,
+                            builtin=not replaced)
     except re.error:
         return Masker.build()  # already reported by _regex_list
 
@@ -195,7 +194,7 @@ def _regex_list(data: Any, key: str, problems: Problems, *, value_group: bool) -
         else:
             try:
                 re.compile(item)
-                why = None
+                why = backtracking_risk(item)
             except re.error as exc:
                 why = f"invalid regex: {exc}"
         if why:

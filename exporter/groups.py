@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from exporter.masking import DEFAULT_MASKER, Masker, apply_spans
 from exporter.procs import Sample
 from procfleet.configcheck import Problems
 
@@ -132,11 +133,14 @@ class GroupMatcher:
     def needs_username(self) -> bool:
         return "Username" in self._tmpl.fields  # type: ignore[attr-defined]
 
-    def match(self, sample: Sample, username: str | Callable[[], str] = "") -> str | None:
+    def match(self, sample: Sample, username: str | Callable[[], str] = "",
+              masker: Masker = DEFAULT_MASKER) -> str | None:
         """The group name for this process, or None when the selectors do not all match.
 
         `sample.cmdline` must have been read. `username` may be a callable so that the
-        passwd lookup happens only when the template needs it.
+        passwd lookup happens only when the template needs it. Selectors see the real argv;
+        the name, a label value anyone who scrapes can read, gets argv text masked by
+        `masker` (`{{.ExeFull}}`, `{{.ExeBase}}`, `{{.Matches.NAME}}`).
         """
         argv = sample.cmdline or []
         if self.comm is not None and sample.comm not in self.comm:
@@ -151,24 +155,27 @@ class GroupMatcher:
             paths = exes[base]
             if paths is not None and argv[0] not in paths:
                 return None
-        matches: dict[str, str] = {}
+        captured: dict[str, tuple[int, int]] = {}
+        joined = ""
         if self.cmdline is not None:
             joined = " ".join(argv)
             for regex in self.cmdline:
                 found = regex.search(joined)
                 if found is None:
                     return None
-                matches.update({k: v or "" for k, v in found.groupdict().items()})
-        return self._name(sample, argv, username, matches)
+                captured.update({k: found.span(k) for k in found.groupdict()})
+        matches = _masked_captures(joined, captured, argv, masker) if captured else {}
+        return self._name(sample, argv, username, matches, masker)
 
     def _name(self, sample: Sample, argv: Sequence[str], username: str | Callable[[], str],
-              matches: Mapping[str, str]) -> str:
+              matches: Mapping[str, str], masker: Masker) -> str:
         fields = self._tmpl.fields  # type: ignore[attr-defined]
         values: dict[str, Any] = {}
         if "Comm" in fields:
             values["Comm"] = sample.comm
         if "ExeBase" in fields or "ExeFull" in fields:
-            full = argv[0] if argv else sample.comm
+            # argv[0] is the process's own text (`exec -a 'app --password=x'`).
+            full = masker.mask_text(argv[0]) if argv else sample.comm
             values["ExeFull"] = full
             values["ExeBase"] = _go_base(full) if argv else sample.comm
         if "Username" in fields:
@@ -178,6 +185,25 @@ class GroupMatcher:
         if "StartTime" in fields:
             values["StartTime"] = _go_time(sample.create_time)
         return self._tmpl.render(values, matches)  # type: ignore[attr-defined]
+
+
+def _masked_captures(joined: str, captured: Mapping[str, tuple[int, int]],
+                     argv: Sequence[str], masker: Masker) -> dict[str, str]:
+    """Each capture's text from `joined` (argv joined by spaces), with masked parts as ***."""
+    spans: list[tuple[int, int]] = []
+    offset = 0
+    for arg, arg_spans in zip(argv, masker.spans(argv), strict=True):
+        spans.extend((offset + s, offset + e) for s, e in arg_spans)
+        offset += len(arg) + 1
+    out: dict[str, str] = {}
+    for key, (start, end) in captured.items():
+        if start < 0:
+            out[key] = ""
+            continue
+        inside = [(max(s, start) - start, min(e, end) - start) for s, e in spans
+                  if s < end and e > start]
+        out[key] = apply_spans(joined[start:end], inside)
+    return out
 
 
 def _go_base(path: str) -> str:
@@ -204,8 +230,12 @@ DEFAULT_GROUPS: tuple[GroupMatcher, ...] = (GroupMatcher(name="{{.Comm}}"),)
 
 
 def name_process(groups: Sequence[GroupMatcher], sample: Sample,
-                 user_name: Callable[[int], str] | None = None) -> str | None:
-    """First match wins: the group name of this process, or None when no group wants it."""
+                 user_name: Callable[[int], str] | None = None,
+                 masker: Masker = DEFAULT_MASKER) -> str | None:
+    """First match wins: the group name of this process, or None when no group wants it.
+
+    `masker` masks the argv text a name may carry; pass the configured one.
+    """
     cached: list[str] = []
 
     def username() -> str:
@@ -215,7 +245,7 @@ def name_process(groups: Sequence[GroupMatcher], sample: Sample,
         return cached[0]
 
     for matcher in groups:
-        name = matcher.match(sample, username)
+        name = matcher.match(sample, username, masker)
         if name is not None:
             return name
     return None

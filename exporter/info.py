@@ -8,6 +8,7 @@ name, state word, percentages, the masked command line) is decided here, once, f
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from exporter.procs import STATE_WORDS, Sample, SystemFacts, UserNames
 from procfleet.process import ProcessInfo
@@ -25,7 +26,9 @@ def to_info(sample: Sample, *, system: SystemFacts, user_name: UserNames,
         command = " ".join(args)
     return ProcessInfo(
         pid=sample.pid,
-        name=sample.name,
+        # A name completed from argv[0] is the process's own text: take it from masked argv.
+        name=sample.name if sample.name == sample.comm or command is None else replace(
+            sample, cmdline=list(args)).name,
         user=user_name(sample.uid) if sample.uid is not None else None,
         state=STATE_WORDS.get(sample.state, sample.state),
         cpu_percent=round(100.0 * (sample.utime + sample.stime) / age, 2),

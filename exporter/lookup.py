@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from exporter.info import to_info
+from exporter.masking import MaskCache
 from exporter.procs import ProcessError, Reader, UserNames
 from procfleet.params import ListFilters
 from procfleet.process import ProcessInfo
@@ -24,28 +25,39 @@ class ProcessLookup:
     """Reads one process, or all, into the API's process objects."""
 
     def __init__(self, reader: Reader, mask: Callable[[Sequence[str]], list[str]],
-                 user_names: UserNames | None = None) -> None:
+                 user_names: UserNames | None = None, *, prune_every: float = 5.0) -> None:
         self.reader = reader
         self.mask = mask
+        # Masked command lines of live processes, bounded in bytes; see MaskCache.
+        self.masks = MaskCache(mask)
         self.user_names = user_names or UserNames()
+        self.prune_every = prune_every
+        self._pruned = time.monotonic()
 
     def get(self, pid: int) -> ProcessInfo:
         """The process with this pid; ProcessGone when there is none, ProcessDenied."""
         sample = self.reader.lookup(pid)
+        if time.monotonic() - self._pruned >= self.prune_every:
+            # Lookups alone never see a process exit: listing /proc now and then does.
+            self._pruned = time.monotonic()
+            self.masks.prune(self.reader.pids())
         return to_info(sample, system=self.reader.system, user_name=self.user_names,
-                       mask=self.mask)
+                       mask=self.masks.bind(sample.pid, sample.start_ticks))
 
     def list(self, query: ListFilters) -> list[ProcessInfo]:
         now = time.time()
         glob = query.name is not None and any(c in query.name for c in "*?[")
         found: list[ProcessInfo] = []
-        for pid in self.reader.pids():
+        pids = list(self.reader.pids())
+        self.masks.prune(pids)
+        self._pruned = time.monotonic()
+        for pid in pids:
             try:
                 sample = self.reader.sample(pid)
             except ProcessError:  # gone since listed, or not ours to read
                 continue
             info = to_info(sample, system=self.reader.system, user_name=self.user_names,
-                           mask=self.mask, now=now)
+                           mask=self.masks.bind(sample.pid, sample.start_ticks), now=now)
             if query.name is not None:
                 name = info.name or ""
                 if not (fnmatch.fnmatchcase(name, query.name) if glob else name == query.name):
