@@ -11,7 +11,7 @@ import pytest
 from exporter.app import create_app
 from exporter.config import Config, from_mapping
 from exporter.groups import GroupMatcher, name_process
-from exporter.lookup import ListQuery, ProcessLookup
+from exporter.lookup import ProcessLookup
 from exporter.masking import (
     CACHE_MAX_BYTES,
     MASK,
@@ -23,6 +23,7 @@ from exporter.masking import (
 )
 from exporter.procs import ProcfsReader
 from procfleet.configcheck import ConfigError
+from procfleet.params import ListFilters
 from procfleet.testing import reap
 
 CASES = [
@@ -246,7 +247,7 @@ def test_entries_of_exited_processes_go(children, marker):
     lookup.get(other.pid)  # a lookup of any process prunes (here: every time)
     assert child.pid not in lookup.masks and other.pid in lookup.masks
     reap(other)
-    lookup.list(ListQuery(name="no-such-process"))  # so does every listing
+    lookup.list(ListFilters(name="no-such-process"))  # so does every listing
     assert other.pid not in lookup.masks
 
 
