@@ -58,6 +58,10 @@ lint: $(TEST_STAMP) ## ruff over the code
 bench: $(TEST_STAMP) debs ## Run the benchmarks under bench/ (writes bench/results/)
 	$(PY) bench/run_all.py
 
+.PHONY: dist
+dist: $(TEST_STAMP) ## Build a wheel and an sdist into dist/ (offline: the venv's setuptools)
+	$(PY) -m build --no-isolation --wheel --sdist --outdir dist .
+
 .PHONY: clean
 clean: ## Remove the venv and caches
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache build dist
