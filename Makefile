@@ -5,22 +5,32 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEB_PACKAGES := prometheus prometheus-process-exporter wrk
-STAMP := $(VENV)/.installed
+# Two stamps: `make run` needs only the package; `make test`, `lint` and `bench` add the test
+# tools (pytest, ruff, schemathesis, ...), which take most of the install time.
+RUN_STAMP := $(VENV)/.run-deps
+TEST_STAMP := $(VENV)/.test-deps
+EXPORTER_PORT ?= 9256
+QUERY_PORT ?= 8080
 
 .DEFAULT_GOAL := help
 
 .PHONY: help
 help: ## List the targets with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@echo "  Variables: PYTHON=$(PYTHON) (Python >= 3.11), EXPORTER_PORT=$(EXPORTER_PORT), QUERY_PORT=$(QUERY_PORT)"
 
-$(STAMP): setup.py pyproject.toml
+$(RUN_STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $(RUN_STAMP)
+
+$(TEST_STAMP): $(RUN_STAMP)
 	$(PIP) install -q -e '.[test]'
-	touch $(STAMP)
+	touch $(TEST_STAMP)
 
 .PHONY: install
-install: $(STAMP) ## Make .venv and install procfleet with its test tools
+install: $(TEST_STAMP) ## Make .venv and install procfleet with its test tools
 
 .PHONY: debs
 debs: ## Install the Debian packages tests and benchmarks need (prometheus, promtool, wrk, ...)
@@ -33,21 +43,25 @@ debs: ## Install the Debian packages tests and benchmarks need (prometheus, prom
 	fi
 
 .PHONY: run
-run: install ## Run an exporter and the query service on this host with built-in defaults
-	$(PY) -m procfleet.runlocal
+run: $(RUN_STAMP) ## Run an exporter and the query service here (EXPORTER_PORT=, QUERY_PORT= to move them)
+	$(PY) -m procfleet.runlocal --exporter-port $(EXPORTER_PORT) --query-port $(QUERY_PORT)
 
 .PHONY: test
-test: lint debs ## Lint, then run the whole test suite (fails when anything fails)
+test: $(TEST_STAMP) lint debs ## Lint, then run the whole test suite (fails when anything fails)
 	$(PY) -m pytest -q
 
 .PHONY: lint
-lint: install ## ruff over the code
+lint: $(TEST_STAMP) ## ruff over the code
 	$(VENV)/bin/ruff check procfleet exporter query tests bench setup.py
 
 .PHONY: bench
-bench: install debs ## Run the benchmarks under bench/ (writes bench/results/)
+bench: $(TEST_STAMP) debs ## Run the benchmarks under bench/ (writes bench/results/)
 	$(PY) bench/run_all.py
+
+.PHONY: dist
+dist: $(TEST_STAMP) ## Build a wheel and an sdist into dist/ (offline: the venv's setuptools)
+	$(PY) -m build --no-isolation --wheel --sdist --outdir dist .
 
 .PHONY: clean
 clean: ## Remove the venv and caches
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache build dist

@@ -11,7 +11,8 @@ setup(
         include=["procfleet", "procfleet.*", "exporter", "exporter.*", "query", "query.*"]
     ),
     include_package_data=True,
-    package_data={"exporter": ["*.html", "*.json"], "query": ["*.json"]},
+    # Every file a service reads at run time; tests/test_dist.py checks the wheel has them.
+    package_data={pkg: ["*.html", "*.json"] for pkg in ("procfleet", "exporter", "query")},
     install_requires=[
         "falcon>=4.0,<5",
         "waitress>=3.0,<4",
@@ -26,6 +27,9 @@ setup(
             "requests>=2.31",
             "aiohttp>=3.9,<4",  # the tests' fake exporters
             "h11>=0.14,<1",  # only for bench_query_fanout.py --h11, the parser comparison
+            # `make dist` and its test build offline, with the venv's setuptools and wheel.
+            "build>=1.0,<2",
+            "wheel>=0.41",
             # Pinned so the fixed-seed contract fuzzing sends the same cases every run.
             "schemathesis==4.32.5",
             "hypothesis==6.170.17",

@@ -1,4 +1,5 @@
-"""Command line: `procfleet-query [--config FILE] [--listen HOST:PORT]` and `… keygen`.
+"""Command line: `procfleet-query [--config FILE] [--listen HOST:PORT] [--log-level LEVEL]`
+and `… keygen`.
 
 Serves the query service with waitress until SIGTERM; SIGHUP re-reads the file's discovery
 keys and every discovery source. A configuration problem prints the message (every problem
@@ -14,6 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from procfleet import __version__
 from procfleet.configcheck import ConfigError
 from procfleet.logs import setup_logging
 from procfleet.netaddr import ListenError, is_loopback, parse_listen
@@ -42,12 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", metavar="HOST:PORT",
                         help="address to serve on; beats the file's listen "
                              f"(default {query_config.DEFAULT_LISTEN})")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="log verbosity (default: info, or log_level from the file)")
     parser.add_argument("--allow-unauthenticated-nonloopback", action="store_true",
                         help="serve on a non-loopback address even when auth is disabled")
     parser.add_argument("--allow-insecure-config", action="store_true",
                         help="load a --config file that users other than root and this "
                              "service's user could change (or, holding a token, read), "
                              "with a warning; refused otherwise")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     keygen = commands.add_parser(
         "keygen", help="print a new API key once and the configuration lines for it",
@@ -89,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   if args.config else query_config.default_config())
     except ConfigError as exc:
         return _fail(str(exc))
-    setup_logging(config.log_level)
+    setup_logging(args.log_level or config.log_level)
     listen = args.listen or config.listen
     try:
         host, port = parse_listen(listen)

@@ -138,8 +138,10 @@ def query_service(tmp_path_factory: pytest.TempPathFactory, exporters: list[Expo
 def prometheus_config(exporters: list[Exporter], query: QueryService, token_file: Path,
                       sd_file: Path) -> dict:
     """config/prometheus.yml made fit for the test: 1 s scrapes, the token lines switched on,
-    the static example targets replaced by the test's, the file_sd glob pointed at `sd_file`."""
+    the static example targets replaced by the test's, the file_sd glob pointed at `sd_file`,
+    the shipped rule files loaded from the repository (their paths are relative to it)."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config["rule_files"] = [str(PROMETHEUS_CONFIG.parent / f) for f in config["rule_files"]]
     config["global"].update(scrape_interval=SCRAPE_INTERVAL, scrape_timeout=SCRAPE_INTERVAL,
                             evaluation_interval=SCRAPE_INTERVAL)
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}

@@ -110,6 +110,9 @@ def test_deploy_doc_prometheus_snippets_pass_promtool(tmp_path: Path) -> None:
     (tmp_path / "targets").mkdir()
     (tmp_path / "targets" / "procfleet-web.yml").write_text(targets)
     (tmp_path / "procfleet.token").write_text("a-token\n")
+    for name in ("rules", "alerts"):  # the `sudo install` lines of the walkthrough
+        (tmp_path / f"procfleet-{name}.yml").write_text(
+            (REPO / "config" / "prometheus" / f"{name}.yml").read_text())
     config = tmp_path / "prometheus.yml"
     config.write_text(scrape.replace("/etc/prometheus/", f"{tmp_path}/"))
     result = subprocess.run([PROMTOOL, "check", "config", str(config)], capture_output=True,
