@@ -34,7 +34,7 @@ __all__ = ["Discovery", "DiscoveryError", "Exporter", "Fleet", "SourceStats"]
 
 log = logging.getLogger("query.discovery")
 
-_RESTART_KEYS = ("listen", "threads", "log_level", "timeouts", "fanout", "auth")
+_RESTART_KEYS = ("listen", "threads", "head_timeout", "log_level", "timeouts", "fanout", "auth")
 
 
 class Discovery:

@@ -46,7 +46,8 @@ class Metrics:
         self.exporter_failures = prometheus_client.Counter(
             "procfleet_query_exporter_failures_total",
             "Exporter calls that gave no valid answer, by exporter and kind "
-            "(timeout, unreachable, bad_status, bad_body).",
+            "(timeout, unreachable, bad_status, bad_body, rejected: not asked because "
+            "its circuit was open or too many requests already waited on it).",
             ["exporter", "kind"], registry=self.registry)
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
