@@ -136,8 +136,9 @@ def query_service(tmp_path_factory: pytest.TempPathFactory, exporters: list[Expo
 
 
 def prometheus_config(exporters: list[Exporter], query: QueryService, token_file: Path,
-                      sd_file: Path) -> dict:
-    """config/prometheus.yml made fit for the test: 1 s scrapes, the token lines switched on,
+                      sd_file: Path, query_key_file: Path) -> dict:
+    """config/prometheus.yml made fit for the test: 1 s scrapes, the token lines switched on
+    (the exporter token, and a node:read key for the query service's protected /metrics),
     the static example targets replaced by the test's, the file_sd glob pointed at `sd_file`,
     the shipped rule files loaded from the repository (their paths are relative to it)."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
@@ -153,6 +154,7 @@ def prometheus_config(exporters: list[Exporter], query: QueryService, token_file
         {"targets": [e.instance], "labels": {"hostname": e.hostname}} for e in exporters]))
     query_job = jobs["procfleet-query"]
     query_job["static_configs"] = [{"targets": [query.instance]}]
+    query_job["authorization"] = {"type": "Bearer", "credentials_file": str(query_key_file)}
     assert set(jobs) == {"procfleet", "procfleet-query"}, "a new job in prometheus.yml?"
     return config
 
@@ -166,10 +168,13 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, exporters: list[Exporte
     token_file = tmp / "procfleet.token"
     token_file.write_text(exporter_token + "\n")
     token_file.chmod(0o600)
+    query_key_file = tmp / "procfleet-query.key"
+    query_key_file.write_text(query_service.node_key + "\n")
+    query_key_file.chmod(0o600)
     config_file = tmp / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(
         prometheus_config(exporters, query_service, token_file,
-                          tmp / "targets-procfleet.yml")))
+                          tmp / "targets-procfleet.yml", query_key_file)))
     port = free_port()
     argv = [PROMETHEUS, f"--config.file={config_file}", f"--storage.tsdb.path={tmp / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",

@@ -113,7 +113,9 @@ def test_rules_read_series_the_services_export(exporters: list[Exporter],
     exported = exposed_names(requests.get(
         f"{exporters[0].url}/metrics", timeout=10,
         headers={"Authorization": f"Bearer {exporter_token}"}).text)
-    exported |= exposed_names(requests.get(f"{query_service.url}/metrics", timeout=10).text)
+    exported |= exposed_names(requests.get(  # protected: auth.protect_metrics is on
+        f"{query_service.url}/metrics", timeout=10,
+        headers={"Authorization": f"Bearer {query_service.node_key}"}).text)
     recorded = {r["record"] for r in rules() if "record" in r}
     read = set().union(*(series_names(r["expr"]) for r in rules()))
     unknown = read - exported - recorded - SCRAPE_SERIES
