@@ -30,8 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from prometheus_client import CollectorRegistry, Counter
-
 from exporter.groups import GroupMatcher, parse_groups
 from exporter.lookup import ProcessLookup
 from exporter.procs import ProcessDenied, ProcessGone, ProcessInfo, Sample, to_info
@@ -183,27 +181,15 @@ def refusal(policy: SignalPolicy, request: SignalRequest, sample: Sample, *,
     return None
 
 
-class SignalMetrics:
-    """`procfleet_signals_total{signal,outcome}` on the exporter's registry."""
-
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        self.counter = Counter(
-            "procfleet_signals", "Signal requests by signal and outcome (signalled, dry_run, "
-            "refused, mismatch, not_found, failed, unauthorized, bad_request).",
-            ["signal", "outcome"], registry=registry)
-
-    def count(self, signal_name: str, outcome: str) -> None:
-        self.counter.labels(signal_name, outcome).inc()
-
-
 class Signaller:
     """Decides and sends signals for `POST /process/{pid}/signal`; audits every request."""
 
-    def __init__(self, policy: SignalPolicy, lookup: ProcessLookup, metrics: SignalMetrics, *,
+    def __init__(self, policy: SignalPolicy, lookup: ProcessLookup,
+                 count: Callable[[str, str], None] = lambda signal_name, outcome: None, *,
                  self_pid: int | None = None) -> None:
         self.policy = policy
         self.lookup = lookup
-        self.metrics = metrics
+        self.count = count  # (signal, outcome): procfleet_signals_total, kept by the app
         self.self_pid = os.getpid() if self_pid is None else self_pid
 
     def handle(self, request: SignalRequest) -> Outcome:
@@ -224,7 +210,7 @@ class Signaller:
         if reason:
             fields["reason"] = reason
         audit_log.info("signal", extra={"fields": fields})
-        self.metrics.count(signal_name if signal_name in SIGNAL_NAMES else "invalid", outcome)
+        self.count(signal_name if signal_name in SIGNAL_NAMES else "invalid", outcome)
 
     def _decide_and_send(self, request: SignalRequest) -> Outcome:
         policy = self.policy

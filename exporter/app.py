@@ -11,10 +11,10 @@ import re
 from importlib import resources
 
 import falcon
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import choose_encoder
 
-from exporter.actions import Signaller, SignalMetrics, SignalRequest
+from exporter.actions import Signaller, SignalRequest
 from exporter.collector import ProcessCollector
 from exporter.config import Config
 from exporter.lookup import ListQuery, ProcessLookup
@@ -274,7 +274,12 @@ def create_app(config: Config, *, reader: Reader | None = None,
                                            version=__version__, user_name=user_names))
     lookup = ProcessLookup(reader, config.masker, user_names)
     if signaller is None:
-        signaller = Signaller(config.signal, lookup, SignalMetrics(registry))
+        signals_total = Counter(
+            "procfleet_signals", "Signal requests by signal and outcome (signalled, dry_run, "
+            "refused, mismatch, not_found, failed, unauthorized, bad_request).",
+            ["signal", "outcome"], registry=registry)
+        signaller = Signaller(config.signal, lookup,
+                              lambda name, outcome: signals_total.labels(name, outcome).inc())
     middleware: list[object] = [SignalAudit(signaller)]
     if config.auth.enabled:
         middleware.append(TokenAuth(config.auth.token_sha256 or "",
