@@ -47,7 +47,7 @@ from procfleet.configcheck import ConfigError, Problems, read_yaml
 from procfleet.serve import ListenError, parse_listen
 from query.targets import is_hostname, is_label_key, is_label_value
 
-PERMISSIONS = ("process:read", "node:read")
+PERMISSIONS = ("process:read", "node:read", "process:execute")  # execute: signals
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_EXPORTER_URL = "http://127.0.0.1:9256"
 LOG_LEVELS = ("debug", "info", "warning", "error")

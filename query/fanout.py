@@ -106,6 +106,8 @@ class Call:
     max_body_bytes: int
     params: Mapping[str, str] = field(default_factory=dict)
     not_found_is_answer: bool = False
+    method: str = "GET"  # or POST, with a JSON `body` (the signal action)
+    body: bytes = b""
 
     def body_cap(self, status: int) -> int | None:
         """How much of an answer with `status` to read; None: the status alone decides."""
@@ -297,7 +299,7 @@ class Fanout:
             try:
                 origin, request = self._request(exporter, call)
                 outcome: httpclient.Response | Exception = self._sync.get(
-                    origin, request, until, call.body_cap)
+                    origin, request, until, call.body_cap, fresh=call.method != "GET")
             except TimeoutError:
                 if request_until <= exporter_until:
                     return self._deadline_result(exporter)
@@ -383,7 +385,7 @@ class Fanout:
                 origin, request = self._request(exporter, call)
                 async with asyncio.timeout(self.exporter_timeout):
                     outcome: httpclient.Response | Exception = await self._client.get(
-                        origin, request, call.body_cap)
+                        origin, request, call.body_cap, fresh=call.method != "GET")
             except TimeoutError:
                 return Result(name, "timeout", self._timeout_error)
             except (httpclient.HTTPError, ValueError) as exc:
@@ -401,7 +403,8 @@ class Fanout:
         headers = self._headers
         if exporter.token:
             headers = {**headers, "Authorization": f"Bearer {exporter.token}"}
-        return origin, httpclient.request_bytes(origin, call.target, headers)
+        return origin, httpclient.request_bytes(origin, call.target, headers,
+                                                method=call.method, body=call.body)
 
 
 def classify(hostname: str, call: Call, outcome: httpclient.Response | Exception) -> Result:
