@@ -200,6 +200,14 @@ class Signaller:
                    reason=outcome.reason)
         return outcome
 
+    def refuse(self, request: SignalRequest, reason: str) -> Outcome:
+        """Refuse without looking at the process (no token configured); audited and counted."""
+        outcome = Outcome("refused", reason)
+        self.audit(outcome.kind, pid=request.pid, signal_name=request.signal,
+                   start_time=request.start_time, job_id=request.job_id, key=request.key,
+                   reason=reason)
+        return outcome
+
     def audit(self, outcome: str, *, pid: int | str | None, signal_name: str | None,
               start_time: str | None = None, job_id: str | None = None,
               key: str | None = None, reason: str | None = None) -> None:

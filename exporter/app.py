@@ -180,9 +180,14 @@ class SignalResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, pid: str) -> None:
         if self._digest is None:
-            raise falcon.HTTPForbidden(
-                title="signal refused",
-                description="signals need the exporter token: set auth.token_sha256")
+            # A refusal like any other (a failed result on the query side, not an exporter
+            # failure); with no token, reads are open, so this tells nobody anything new.
+            request = _signal_request(req, pid_or_400(pid))
+            outcome = self._signaller.refuse(
+                request, "signals need the exporter token: set auth.token_sha256")
+            req.context.signal_audited = True
+            resp.media = outcome.to_json(request, self._hostname)
+            return
         scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
         presented = hashlib.sha256(token.strip().encode()).digest()
         if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self._digest):
