@@ -57,6 +57,8 @@ def fleet(tmp_path_factory) -> Iterator[str]:
             servers.append(Server([str(BIN / "procfleet-exporter"), "--listen",
                                    f"127.0.0.1:{port}", "--config", str(config)],
                                   port, tmp / f"{name}.log"))
+            # Ready before the next free_port(): an unbound port may be handed out twice.
+            servers[-1].wait_ready()
             entries.append(f"  - {{hostname: {name}, url: \"http://127.0.0.1:{port}\", "
                            f"token: {EXPORTER_TOKEN}, labels: {{group: web}}}}\n")
         query_config = tmp / "query.yml"
@@ -72,8 +74,7 @@ def fleet(tmp_path_factory) -> Iterator[str]:
         query = Server([sys.executable, "-m", "query", "--listen", f"127.0.0.1:{port}",
                         "--config", str(query_config)], port, tmp / "query.log")
         servers.append(query)
-        for server in servers:
-            server.wait_ready()
+        query.wait_ready()
         yield query.url
     finally:
         for server in servers:

@@ -62,7 +62,7 @@ def exporters(tmp_path_factory) -> Iterator[dict[str, Server]]:
             server = Server([exe, "--listen", f"127.0.0.1:{port}", "--config", str(config)],
                             port, tmp / f"{name}.log")
             servers[name] = server
-        for server in servers.values():
+            # Ready before the next free_port(): an unbound port may be handed out twice.
             server.wait_ready()
         yield servers
     finally:
