@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
+import json
 import logging
+import re
 from importlib import resources
 
 import falcon
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import choose_encoder
 
+from exporter.actions import Signaller, SignalRequest
 from exporter.collector import ProcessCollector
 from exporter.config import Config
 from exporter.lookup import ProcessLookup
@@ -19,6 +22,16 @@ from exporter.procs import ProcessError, Reader, UserNames, make_reader
 from procfleet import __version__
 from procfleet.params import LIST_PARAMS
 from procfleet.process import NOT_FOUND_ERROR
+from procfleet.signals import (
+    AUDIT_TEXT_MAX,
+    BODY_MAX_BYTES,
+    SignalRequestError,
+    check_bool,
+    check_match,
+    check_object,
+    check_signal,
+    check_start_time,
+)
 from procfleet.web import QueryParamRule, install_error_handling, list_filters_or_400, pid_or_400
 
 log = logging.getLogger("procfleet.exporter")
@@ -119,6 +132,101 @@ class MetricsResource:
         resp.content_type = content_type
 
 
+class SignalResource:
+    """POST /process/{pid}/signal: the one action; it always needs the exporter's token.
+
+    Without `auth.token_sha256` it is refused (403) even if reads are open: anyone who can
+    connect may read, nobody unauthenticated may act. The decision is `Signaller`'s.
+    """
+
+    def __init__(self, signaller: Signaller, token_sha256: str | None, hostname: str) -> None:
+        self._signaller = signaller
+        self._digest = bytes.fromhex(token_sha256) if token_sha256 else None
+        self._hostname = hostname
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, pid: str) -> None:
+        if self._digest is None:
+            # A refusal like any other (a failed result on the query side, not an exporter
+            # failure); with no token, reads are open, so this tells nobody anything new.
+            request = _signal_request(req, pid_or_400(pid))
+            outcome = self._signaller.refuse(
+                request, "signals need the exporter token: set auth.token_sha256")
+            req.context.signal_audited = True
+            resp.media = outcome.to_json(request, self._hostname)
+            return
+        scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
+        presented = hashlib.sha256(token.strip().encode()).digest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self._digest):
+            raise falcon.HTTPUnauthorized(
+                title="unauthorized",
+                description="signals need 'Authorization: Bearer <exporter token>'",
+                challenges=["Bearer"])
+        request = _signal_request(req, pid_or_400(pid))
+        outcome = self._signaller.handle(request)
+        req.context.signal_audited = True
+        if outcome.kind == "not_found":
+            raise falcon.HTTPNotFound(title="process not found",
+                                      description=outcome.reason or "no such process")
+        resp.media = outcome.to_json(request, self._hostname)
+
+
+_SIGNAL_KEYS = frozenset({"signal", "start_time", "match", "dry_run", "job_id", "key"})
+
+
+def _signal_request(req: falcon.Request, pid: int) -> SignalRequest:
+    """The body of a signal request, bounded and validated; 400 or 413 naming the problem."""
+    length = req.content_length
+    if length is not None and length > BODY_MAX_BYTES:
+        raise falcon.HTTPContentTooLarge(
+            title="body too large", description=f"a signal request is at most "
+                                                f"{BODY_MAX_BYTES} bytes")
+    raw = req.bounded_stream.read(BODY_MAX_BYTES + 1)
+    if len(raw) > BODY_MAX_BYTES:
+        raise falcon.HTTPContentTooLarge(
+            title="body too large", description=f"a signal request is at most "
+                                                f"{BODY_MAX_BYTES} bytes")
+    try:
+        data = check_object(json.loads(raw) if raw else None, _SIGNAL_KEYS)
+        relayed = {}
+        for key in ("job_id", "key"):
+            value = data.get(key)
+            if value is not None and (not isinstance(value, str)
+                                      or not 1 <= len(value) <= AUDIT_TEXT_MAX):
+                raise SignalRequestError(f"{key} must be 1 to {AUDIT_TEXT_MAX} characters")
+            relayed[key] = value
+        return SignalRequest(pid=pid, signal=check_signal(data.get("signal")),
+                             start_time=check_start_time(data.get("start_time")),
+                             name=check_match(data.get("match")),
+                             dry_run=check_bool(data.get("dry_run"), "dry_run"), **relayed)
+    except SignalRequestError as exc:
+        raise falcon.HTTPBadRequest(title="invalid signal request", description=str(exc)) \
+            from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise falcon.HTTPBadRequest(title="invalid signal request",
+                                    description="the body is not valid JSON") from None
+
+
+_SIGNAL_PATH = re.compile(r"/process/[^/]*/signal")
+_REJECTED = {400: "bad_request", 401: "unauthorized", 403: "unauthorized", 413: "bad_request"}
+
+
+class SignalAudit:
+    """Audits signal requests turned away before a decision (token, body): one line each."""
+
+    def __init__(self, signaller: Signaller) -> None:
+        self._signaller = signaller
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
+                         req_succeeded: bool) -> None:
+        if req.method != "POST" or not _SIGNAL_PATH.fullmatch(req.path):
+            return
+        if getattr(req.context, "signal_audited", False):
+            return
+        outcome = _REJECTED.get(resp.status_code, "bad_request")
+        self._signaller.audit(outcome, pid=req.path.split("/")[2][:32], signal_name=None,
+                              reason=f"HTTP {resp.status_code}")
+
+
 def _slashed_pid(req: falcon.Request, resp: falcon.Response, **params: object) -> None:
     # /process/1%2F2 reaches routing as /process/1/2: a bad pid, not an unknown path.
     raise falcon.HTTPBadRequest(title="invalid pid",
@@ -126,15 +234,24 @@ def _slashed_pid(req: falcon.Request, resp: falcon.Response, **params: object) -
 
 
 def create_app(config: Config, *, reader: Reader | None = None,
-               registry: CollectorRegistry | None = None) -> falcon.App:
-    """Build the exporter app. Tests pass their own reader or registry."""
+               registry: CollectorRegistry | None = None,
+               signaller: Signaller | None = None) -> falcon.App:
+    """Build the exporter app. Tests pass their own reader, registry or signaller."""
     reader = reader or make_reader(config.reader)
     user_names = UserNames()
     if registry is None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ProcessCollector(reader, config.groups, config.metrics,
                                            version=__version__, user_name=user_names))
-    middleware: list[object] = []
+    lookup = ProcessLookup(reader, config.masker, user_names)
+    if signaller is None:
+        signals_total = Counter(
+            "procfleet_signals", "Signal requests by signal and outcome (signalled, dry_run, "
+            "refused, mismatch, not_found, failed, unauthorized, bad_request).",
+            ["signal", "outcome"], registry=registry)
+        signaller = Signaller(config.signal, lookup,
+                              lambda name, outcome: signals_total.labels(name, outcome).inc())
+    middleware: list[object] = [SignalAudit(signaller)]
     if config.auth.enabled:
         middleware.append(TokenAuth(config.auth.token_sha256 or "",
                                     protect_metrics=config.auth.protect_metrics))
@@ -142,11 +259,12 @@ def create_app(config: Config, *, reader: Reader | None = None,
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handling(app, log)
-    lookup = ProcessLookup(reader, config.masker, user_names)
     app.add_route("/", LandingResource(config.hostname))
     app.add_route("/healthz", HealthResource(config.hostname))
     app.add_route("/process", ProcessListResource(lookup, config.hostname))
     app.add_route("/process/{pid}", ProcessResource(lookup))
+    app.add_route("/process/{pid}/signal",
+                  SignalResource(signaller, config.auth.token_sha256, config.hostname))
     app.add_route("/metrics", MetricsResource(registry))
     app.add_route("/openapi.json", OpenApiResource())
     app.add_sink(_slashed_pid, prefix=r"^/process/[^/]*/")

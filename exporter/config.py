@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from exporter.actions import SignalPolicy, parse_actions
 from exporter.groups import GroupMatcher, parse_groups
 from exporter.masking import Masker, backtracking_risk, check_pattern
 from procfleet.configcheck import ConfigError, Problems, is_sha256_hex, read_yaml
@@ -96,6 +97,7 @@ class Config:
     masker: Masker = field(default_factory=Masker.build)
     groups: tuple[GroupMatcher, ...] = field(default_factory=lambda: parse_groups(None, Problems()))
     metrics: MetricsOptions = MetricsOptions()
+    signal: SignalPolicy = SignalPolicy()  # `actions.signal`: off unless enabled
     source: str = "built-in defaults"
 
     def with_overrides(self, *, listen: tuple[str, int] | None = None,
@@ -114,7 +116,8 @@ def valid_hostname(name: str) -> bool:
     return hostname_problem(name) is None
 
 
-_TOP_KEYS = {"listen", "hostname", "reader", "log_level", "auth", "masking", "groups", "metrics"}
+_TOP_KEYS = {"listen", "hostname", "reader", "log_level", "auth", "masking", "groups", "metrics",
+             "actions"}
 
 
 def load(path: str | Path) -> Config:
@@ -148,10 +151,12 @@ def from_mapping(raw: Any, *, source: str = "<config>") -> Config:
     masker = _masking(problems.mapping(data.get("masking"), "masking"), problems)
     groups = parse_groups(data.get("groups"), problems, "groups")
     metrics = parse_metrics_options(data.get("metrics"), problems, "metrics")
+    signal = parse_actions(data.get("actions"), problems, "actions")
 
     problems.raise_if_any(source)
     return Config(listen=listen, hostname=hostname, reader=reader, log_level=log_level,
-                  auth=auth, masker=masker, groups=groups, metrics=metrics, source=source)
+                  auth=auth, masker=masker, groups=groups, metrics=metrics, signal=signal,
+                  source=source)
 
 
 def _auth(data: Any, problems: Problems) -> AuthConfig:

@@ -2,6 +2,7 @@
 
     procfleet get TARGET PID
     procfleet ps TARGET [--name NAME] [--user USER] [--sort cpu|mem|rss|start] [--limit N]
+    procfleet kill TARGET PID [--signal TERM] [--dry-run] [--batch 10%] [--yes]
 
 It calls `GET /node/{target}/process/{pid}` or `GET /node/{target}/process` and prints one
 aligned table with a row per process, grouped by host, then a line per host that failed or
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest first: cpu, mem (percent), rss, or start (newest first)")
     ps.add_argument("--limit", type=_checked(check_limit), metavar="N",
                     help="at most N processes per host (a top-N with --sort)")
+    add_kill_command(commands, common)
     return parser
 
 
@@ -175,13 +177,17 @@ def request_path(args: argparse.Namespace) -> str:
     return f"/node/{target}/process" + (f"?{query}" if query else "")
 
 
-def call_service(base_url: str, path: str, *, key: str | None, timeout: float) -> Reply:
-    """GET `path` from the query service; any failure to get an answer is a CliError(3)."""
+def call_service(base_url: str, path: str, *, key: str | None, timeout: float,
+                 body: bytes | None = None) -> Reply:
+    """GET `path` (POST `body`, JSON) from the query service; no answer is a CliError(3)."""
     url = base_url.rstrip("/") + path
     headers = {"Accept": "application/json", "User-Agent": f"procfleet-cli/{__version__}"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(url, headers=headers, method="GET")
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, headers=headers, data=body,
+                                     method="GET" if body is None else "POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, body = response.status, response.read()
@@ -413,6 +419,9 @@ def run(argv: Sequence[str], *, out: TextIO, environ: Mapping[str, str]) -> int:
     if not timeout > 0:
         raise CliError("--timeout must be more than 0 seconds", EXIT_USAGE)
 
+    if args.command == "kill":
+        return run_kill(args, base_url=base_url, key=key, timeout=timeout, out=out,
+                        stdin=sys.stdin)
     reply = call_service(base_url, request_path(args), key=key, timeout=timeout)
     if as_json and reply.data is not None:
         out.write(visible_json(reply.body.decode("utf-8", errors="replace").rstrip("\n")) + "\n")
@@ -426,6 +435,112 @@ def run(argv: Sequence[str], *, out: TextIO, environ: Mapping[str, str]) -> int:
     if status == EXIT_NOT_FOUND:
         raise CliError(nothing_found_message(args, results), EXIT_NOT_FOUND)
     return status
+
+
+# -- procfleet kill ----------------------------------------------------------------------------
+# As procfleet.signals.SIGNAL_NAMES; repeated so the client needs only the standard library.
+KILL_SIGNALS = ("TERM", "KILL", "HUP", "INT", "USR1", "USR2")
+EXIT_REFUSED = 4  # kill: some host refused or failed; nothing else went wrong
+
+
+def add_kill_command(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`procfleet kill TARGET PID [--signal TERM] [--dry-run] [--batch 10%] [--yes]`."""
+    kill = commands.add_parser(
+        "kill", parents=[common], help="signal a process on the targeted hosts, after a look",
+        description="Look the process up, show what will be signalled, ask (on a terminal) "
+                    "and send the signal with the start time seen, so a pid reused meanwhile "
+                    "is not hit. Needs the process:read and process:execute permissions, and "
+                    "exporters with actions.signal.enabled.",
+        epilog="exit status: 0 signalled (or, --dry-run, would be) on every host that has "
+               "the process, 1 not found, 2 usage or not confirmed, 3 service error, "
+               "4 some host refused or failed")
+    kill.add_argument("target", metavar="TARGET",
+                      help="a host name, _all, or label selectors like group:web (not _any)")
+    kill.add_argument("pid", metavar="PID", help="a process id (1 to 2147483647)")
+    kill.add_argument("--signal", "-s", default="TERM", type=str.upper, choices=KILL_SIGNALS,
+                      help="the signal (default TERM)")
+    kill.add_argument("--dry-run", action="store_true",
+                      help="check everything on every host and report; send nothing")
+    kill.add_argument("--batch", metavar="N|P%",
+                      help="signal the hosts N (or P percent) at a time, stopping at the first "
+                           "batch with a failure")
+    kill.add_argument("--yes", "-y", action="store_true",
+                      help="do not ask for confirmation (required when stdin is not a terminal)")
+
+
+def kill_body(args: argparse.Namespace, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The signal request for what the lookup showed: always with its start time."""
+    starts = {row.get("start_time") for row in rows}
+    names = {row.get("name") for row in rows}
+    if len(starts) != 1 or None in starts:
+        raise CliError(f"process {args.pid} started at different times on the targeted hosts "
+                       "(or without a start time): signal one host at a time", EXIT_USAGE)
+    body: dict[str, Any] = {"signal": args.signal, "start_time": starts.pop()}
+    if len(names) == 1 and None not in names:
+        body["match"] = {"name": names.pop()}
+    if args.dry_run:
+        body["dry_run"] = True
+    if args.batch is not None:
+        text = args.batch.strip()
+        body["batch"] = text if text.endswith("%") else _batch_count(text)
+    return body
+
+
+def _batch_count(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise CliError(f"--batch must be a number of hosts or a percentage like 10%, "
+                       f"got {text!r}", EXIT_USAGE)
+    return int(text)
+
+
+def confirm(question: str, *, stdin: TextIO, out: TextIO) -> bool:
+    """Ask on a terminal; anything but y/yes is no. Not a terminal: no (use --yes)."""
+    if not stdin.isatty():
+        raise CliError("stdin is not a terminal: pass --yes to signal without asking",
+                       EXIT_USAGE)
+    out.write(question + " [y/N] ")
+    out.flush()
+    answer = stdin.readline(64)
+    return answer.strip().lower() in ("y", "yes")
+
+
+def run_kill(args: argparse.Namespace, *, base_url: str, key: str | None, timeout: float,
+             out: TextIO, stdin: TextIO) -> int:
+    """Look up, show, confirm, signal, report; the exit status (see the kill epilog)."""
+    target = urllib.parse.quote(args.target, safe=":,_-.")
+    pid = urllib.parse.quote(args.pid, safe="")
+    looked = check_reply(call_service(base_url, f"/node/{target}/process/{pid}", key=key,
+                                      timeout=timeout), base_url)
+    rows = rows_of(looked, "process")
+    if not rows:
+        raise CliError(f"process {args.pid} not found on any host targeted by "
+                       f"{args.target!r}", EXIT_NOT_FOUND)
+    body = kill_body(args, rows)
+    verb = "Would send" if args.dry_run else "Sending"
+    print(f"{verb} SIG{args.signal} to:", file=out)
+    for line in format_table(rows):
+        print(line, file=out)
+    if not args.dry_run and not args.yes:
+        hosts = len(rows)
+        if not confirm(f"Send SIG{args.signal} to pid {args.pid} on {hosts} "
+                       f"host{'s' if hosts != 1 else ''}?", stdin=stdin, out=out):
+            raise CliError("not confirmed: nothing was signalled", EXIT_USAGE)
+    reply = call_service(base_url, f"/node/{target}/process/{pid}/signal", key=key,
+                         timeout=timeout, body=json.dumps(body).encode())
+    if reply.status == 403:
+        raise CliError("the API key may not signal: it needs the process:execute permission",
+                       EXIT_SERVICE)
+    results = check_reply(reply, base_url)
+    for result in results:
+        status = _text(result.get("status"))
+        what = ("signalled" if result.get("changed") else
+                "would be signalled" if status == "ok" else _text(result.get("error")))
+        print(f"{_text(result['hostname'])}: {status}: {what}", file=out)
+    if any(r.get("status") == "failed" for r in results):
+        return EXIT_REFUSED
+    if not any(r.get("status") == "ok" for r in results):
+        raise CliError("nothing was signalled", EXIT_NOT_FOUND)
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ Routes (see openapi.json for the shapes):
 
     GET /node/{hostname}/process/{pid}   one process on the targeted exporters   process:read
     GET /node/{hostname}/process         each targeted exporter's process list   process:read
+    POST /node/{hostname}/process/{pid}/signal   signal it (query/signal.py)   process:execute
     GET /node                            known exporters, labels, last-seen health  node:read
     GET /sd                              the exporters in Prometheus http_sd format  node:read
     GET /metrics                         the service's own metrics    node:read, or public
@@ -35,6 +36,7 @@ from query.fanout import Fanout
 from query.lookup import Answer, Lookup
 from query.metrics import Metrics
 from query.sd import ServiceDiscoveryResource
+from query.signal import SignalAudit, SignalResource, SignalService
 from query.targets import Target, TargetError, parse_target, resolve
 
 log = logging.getLogger("query.app")
@@ -58,11 +60,13 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
     lookup = Lookup(discovery, fanout, limits=config.fanout, observer=metrics)
     authenticator = Authenticator(config.auth)
 
-    app = falcon.App(middleware=[RequestLog(metrics), AuthMiddleware(authenticator),
-                                 QueryParamRule()])
+    app = falcon.App(middleware=[RequestLog(metrics), SignalAudit(metrics),
+                                 AuthMiddleware(authenticator), QueryParamRule()])
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handling(app, log)
     app.add_route("/node/{hostname}/process/{pid}", ProcessResource(lookup))
+    app.add_route("/node/{hostname}/process/{pid}/signal",
+                  SignalResource(SignalService(discovery, fanout, observer=metrics)))
     app.add_route("/node/{hostname}/process", ProcessListResource(lookup))
     app.add_route("/node", NodesResource(discovery))
     app.add_route("/sd", ServiceDiscoveryResource(discovery))

@@ -123,6 +123,8 @@ class Call:
     params: Mapping[str, str] = field(default_factory=dict)
     not_found_is_answer: bool = False
     max_values: int | None = None  # JSON values an answer may hold; None: bytes bound it
+    method: str = "GET"  # or POST, with a JSON `body` (the signal action)
+    body: bytes = b""
 
     def body_cap(self, status: int) -> int | None:
         """How much of an answer with `status` to read; None: the status alone decides."""
@@ -228,13 +230,15 @@ class _Flight:
         self.result = result  # replaced by the leader's result before `done` is set
 
 
-FlightKey = tuple[str, str, "str | None", str, int, "int | None"]
+FlightKey = tuple[str, str, "str | None", str, int, "int | None", object]
 
 
 def _flight_key(exporter: Exporter, call: Call) -> FlightKey:
     # The hostname is in the key because results carry it (two hostnames may share a URL).
+    # An action (POST) is never shared: each request must send, and report, its own.
+    action: object = None if call.method == "GET" else object()
     return (exporter.hostname, exporter.url, exporter.token, call.target, call.max_body_bytes,
-            call.max_values)
+            call.max_values, action)
 
 
 class Fanout:
@@ -398,7 +402,7 @@ class Fanout:
                 try:
                     origin, request = self._request(exporter, call)
                     outcome: httpclient.Response | Exception = self._sync.get(
-                        origin, request, until, call.body_cap)
+                        origin, request, until, call.body_cap, fresh=call.method != "GET")
                 except TimeoutError:
                     if request_until <= exporter_until:
                         return self._deadline_result(exporter)
@@ -517,7 +521,7 @@ class Fanout:
                     origin, request = self._request(exporter, call)
                     async with asyncio.timeout(self.exporter_timeout):
                         outcome: httpclient.Response | Exception = await self._client.get(
-                            origin, request, call.body_cap)
+                            origin, request, call.body_cap, fresh=call.method != "GET")
                 except TimeoutError:
                     liveness = "timeout"
                     return Result(name, "timeout", self._timeout_error)
@@ -540,7 +544,8 @@ class Fanout:
         headers = self._headers
         if exporter.token:
             headers = {**headers, "Authorization": f"Bearer {exporter.token}"}
-        return origin, httpclient.request_bytes(origin, call.target, headers)
+        return origin, httpclient.request_bytes(origin, call.target, headers,
+                                                method=call.method, body=call.body)
 
 
 def classify(hostname: str, call: Call, outcome: httpclient.Response | Exception) -> Result:

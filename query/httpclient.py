@@ -1,4 +1,5 @@
-"""A small HTTP/1.1 keep-alive client for calling exporters: GET only, redirects not followed.
+"""A small HTTP/1.1 keep-alive client for calling exporters: GET (and the signal action's small
+POST), redirects not followed.
 
 One response parser (`_Reader`: fed bytes, says when the answer is complete) serves two
 transports, each with per-exporter pools of idle keep-alive connections:
@@ -12,7 +13,8 @@ Both raise the same errors, subclasses of `HTTPError`, and the builtin TimeoutEr
 mean for a lookup is decided in one place, `query.fanout.classify`. A body is read only when
 `body_cap(status)` gives a cap; above it the answer is marked `too_large` and the connection
 dropped. A request on a kept-alive connection that the exporter closed meanwhile is retried
-once on a new connection.
+once on a new connection; a POST is not (it may have acted): it always gets a new connection
+(`fresh=True`), so a stale kept-alive one cannot make it fail.
 """
 
 from __future__ import annotations
@@ -113,16 +115,29 @@ class Origin:
                    parts.path.rstrip("/"))
 
 
-def request_bytes(origin: Origin, target: str, headers: dict[str, str]) -> bytes:
-    """The request head for `GET target` with `headers` (values may not hold line breaks)."""
+MAX_REQUEST_BODY = 64 * 1024  # a signal request is a few hundred bytes
+
+
+def request_bytes(origin: Origin, target: str, headers: dict[str, str], *,
+                  method: str = "GET", body: bytes = b"") -> bytes:
+    """The request for `method target` with `headers` (values may not hold line breaks).
+
+    Only GET and POST; a POST's `body` is JSON of at most MAX_REQUEST_BODY bytes.
+    """
+    if method not in ("GET", "POST"):
+        raise ValueError(f"method {method!r} is not supported")
+    if len(body) > MAX_REQUEST_BODY or (body and method != "POST"):
+        raise ValueError(f"a request body is POST only, at most {MAX_REQUEST_BODY} bytes")
     # Accept-Encoding: identity says what the parser enforces: no encoded answer is read.
-    lines = [f"GET {origin.prefix}{target} HTTP/1.1", f"Host: {origin.host_header}",
+    lines = [f"{method} {origin.prefix}{target} HTTP/1.1", f"Host: {origin.host_header}",
              "Accept-Encoding: identity"]
     for name, value in headers.items():
         if "\r" in value or "\n" in value:
             raise ValueError(f"header {name} holds a line break")
         lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    if method == "POST":
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 # -- the response parser ------------------------------------------------------------------
@@ -580,9 +595,13 @@ class SyncClient:
         self._sweeper_lock = threading.Lock()
         self._closing = threading.Event()
 
-    def get(self, origin: Origin, request: bytes, until: float, body_cap: BodyCap) -> Response:
-        """Send `request` (from `request_bytes`) and read the answer by `until` (monotonic)."""
-        sock = self._take(origin)
+    def get(self, origin: Origin, request: bytes, until: float, body_cap: BodyCap, *,
+            fresh: bool = False) -> Response:
+        """Send `request` (from `request_bytes`) and read the answer by `until` (monotonic).
+
+        `fresh`: on a new connection, never retried (for a request that is not idempotent).
+        """
+        sock = None if fresh else self._take(origin)
         if sock is not None:
             try:
                 return self._exchange(origin, sock, request, until, body_cap)
@@ -796,8 +815,9 @@ class AsyncClient:
             per_origin=per_origin, total=total)
         self._sweeper: asyncio.TimerHandle | None = None
 
-    async def get(self, origin: Origin, request: bytes, body_cap: BodyCap) -> Response:
-        conn = self._take(origin)
+    async def get(self, origin: Origin, request: bytes, body_cap: BodyCap, *,
+                  fresh: bool = False) -> Response:
+        conn = None if fresh else self._take(origin)
         if conn is not None:
             try:
                 return await self._exchange(origin, conn, request, body_cap)

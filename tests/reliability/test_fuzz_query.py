@@ -41,7 +41,8 @@ FUZZ_SETTINGS = settings(max_examples=CASES, derandomize=True, database=None, de
 
 @pytest.fixture(scope="module")
 def api_key() -> tuple[str, str]:
-    return new_api_key("fuzz", "process:read", "node:read")
+    # process:execute: the fuzzed signals reach exporters with signals off (the default).
+    return new_api_key("fuzz", "process:read", "node:read", "process:execute")
 
 
 @pytest.fixture(scope="module")
