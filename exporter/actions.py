@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from exporter.groups import GroupMatcher, parse_groups
+from exporter.info import to_info
 from exporter.lookup import ProcessLookup
-from exporter.procs import ProcessDenied, ProcessGone, ProcessInfo, Sample, to_info
+from exporter.procs import ProcessDenied, ProcessGone, Sample
 from procfleet.configcheck import Problems
+from procfleet.process import ProcessInfo
 from procfleet.signals import SIGNAL_NAMES
 from procfleet.timefmt import rfc3339
 

@@ -59,8 +59,9 @@ def _resolve(doc: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
-def _query_params(doc: dict[str, Any], path: str) -> dict[str, dict[str, Any]]:
-    operation = doc["paths"][path]["get"]
+def _query_params(doc: dict[str, Any], path: str,
+                  method: str = "get") -> dict[str, dict[str, Any]]:
+    operation = doc["paths"][path][method]
     return {p["name"]: p for p in (_resolve(doc, x) for x in operation.get("parameters", []))
             if p["in"] == "query"}
 
@@ -222,8 +223,9 @@ def _concrete(path: str) -> str:
     return path.replace("{pid}", "1").replace("{hostname}", "web-01")
 
 
-def _operations() -> list[tuple[str, str]]:
-    return [(service, path) for service, doc in DOCS.items() for path in doc["paths"]]
+def _operations() -> list[tuple[str, str, str]]:
+    return [(service, method, path) for service, doc in DOCS.items()
+            for path, item in doc["paths"].items() for method in item]
 
 
 def _bad_request(result: falcon.testing.Result) -> dict[str, Any]:
@@ -233,29 +235,31 @@ def _bad_request(result: falcon.testing.Result) -> dict[str, Any]:
     return body
 
 
-@pytest.mark.parametrize("service, path", _operations())
-def test_an_unknown_parameter_is_a_400_naming_it(service: str, path: str,
+@pytest.mark.parametrize("service, method, path", _operations())
+def test_an_unknown_parameter_is_a_400_naming_it(service: str, method: str, path: str,
                                                  clients: dict[str, Any]) -> None:
-    result = clients[service].simulate_get(_concrete(path), query_string="foo=bar")
+    result = clients[service].simulate_request(method.upper(), _concrete(path),
+                                               query_string="foo=bar")
     body = _bad_request(result)
     assert "unknown parameter 'foo'" in body["details"]
-    documented = DOCS[service]["paths"][path]["get"]["responses"]
+    documented = DOCS[service]["paths"][path][method]["responses"]
     assert "400" in documented, f"{service} {path} does not document its 400"
 
 
-@pytest.mark.parametrize("service, path", _operations())
-def test_a_repeated_parameter_is_a_400_naming_it(service: str, path: str,
+@pytest.mark.parametrize("service, method, path", _operations())
+def test_a_repeated_parameter_is_a_400_naming_it(service: str, method: str, path: str,
                                                  clients: dict[str, Any]) -> None:
-    params = _query_params(DOCS[service], path)
+    params = _query_params(DOCS[service], path, method)
     for name, spec in params.items():
         value = str(spec.get("example") or (spec["schema"].get("enum") or ["1"])[0])
         if name == "target":
             value = "_all"
-        single = clients[service].simulate_get(_concrete(path), query_string=f"{name}={value}")
+        single = clients[service].simulate_request(method.upper(), _concrete(path),
+                                                   query_string=f"{name}={value}")
         assert not (single.status_code == 400
                     and single.json["error"] == "invalid query parameter"), single.text
-        twice = clients[service].simulate_get(_concrete(path),
-                                              query_string=f"{name}={value}&{name}={value}")
+        twice = clients[service].simulate_request(method.upper(), _concrete(path),
+                                                  query_string=f"{name}={value}&{name}={value}")
         assert f"{name} is given more than once" in _bad_request(twice)["details"]
 
 
