@@ -19,9 +19,15 @@ from exporter.procs import ProcessError, Reader, UserNames, make_reader
 from procfleet import __version__
 from procfleet.params import LIST_PARAMS
 from procfleet.process import NOT_FOUND_ERROR
-from procfleet.web import QueryParamRule, install_error_handling, list_filters_or_400, pid_or_400
+from procfleet.web import (
+    App,
+    QueryParamRule,
+    install_error_handling,
+    list_filters_or_400,
+    pid_or_400,
+)
 
-log = logging.getLogger("procfleet.exporter")
+log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/", "/healthz"})
 
@@ -126,7 +132,7 @@ def _slashed_pid(req: falcon.Request, resp: falcon.Response, **params: object) -
 
 
 def create_app(config: Config, *, reader: Reader | None = None,
-               registry: CollectorRegistry | None = None) -> falcon.App:
+               registry: CollectorRegistry | None = None) -> App:
     """Build the exporter app. Tests pass their own reader or registry."""
     reader = reader or make_reader(config.reader)
     user_names = UserNames()
@@ -134,12 +140,12 @@ def create_app(config: Config, *, reader: Reader | None = None,
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ProcessCollector(reader, config.groups, config.metrics,
                                            version=__version__, user_name=user_names))
-    middleware: list[object] = []
+    middleware: list[TokenAuth | QueryParamRule] = []
     if config.auth.enabled:
         middleware.append(TokenAuth(config.auth.token_sha256 or "",
                                     protect_metrics=config.auth.protect_metrics))
     middleware.append(QueryParamRule())
-    app = falcon.App(middleware=middleware)
+    app: App = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handling(app, log)
     lookup = ProcessLookup(reader, config.masker, user_names)
