@@ -229,7 +229,7 @@ class WaitressServer:
         self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
         for listener in self.listeners:
             listener.channel_class = Channel  # per server object, not process-wide
-            # Per server object, deliberately replacing the bound method.
+            # An instance attribute shadowing the method, on purpose (mypy: method-assign).
             listener.handle_accept = functools.partial(  # type: ignore[method-assign]
                 _accept_burst, listener)
         self.head_timeout = head_timeout

@@ -597,7 +597,7 @@ class SyncClient:
     def _exchange(self, origin: Origin, sock: socket.socket, request: bytes, until: float,
                   body_cap: BodyCap) -> Response:
         reader = _Reader(body_cap)
-        response: Response | None  # reader.response may be None; each way out of the loop sets it
+        response: Response | None  # as reader.response; both ways out of the loop leave one
         try:
             sock.settimeout(_remaining(until))
             try:
