@@ -51,8 +51,9 @@ test: $(TEST_STAMP) lint debs ## Lint, then run the whole test suite (fails when
 	$(PY) -m pytest -q
 
 .PHONY: lint
-lint: $(TEST_STAMP) ## ruff over the code
+lint: $(TEST_STAMP) ## ruff over the code, then mypy --strict over the packages
 	$(VENV)/bin/ruff check procfleet exporter query tests bench setup.py
+	$(VENV)/bin/mypy
 
 .PHONY: bench
 bench: $(TEST_STAMP) debs ## Run the benchmarks under bench/ (writes bench/results/)

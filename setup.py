@@ -24,6 +24,11 @@ setup(
         "test": [
             "pytest>=8",
             "ruff==0.17.6",  # pinned: `make test` lints, and new rules must not break CI
+            # Pinned with the stubs for the same reason: `make lint` runs mypy --strict.
+            "mypy==2.4.1",
+            "types-PyYAML==6.0.12.20261122",
+            "types-psutil==7.2.2.20261111",
+            "types-waitress==3.0.1.20260724",
             "requests>=2.31",
             "aiohttp>=3.9,<4",  # the tests' fake exporters
             "h11>=0.14,<1",  # only for bench_query_fanout.py --h11, the parser comparison

@@ -93,7 +93,7 @@ class SimulatedExporter(asyncio.Protocol):
     delay = DELAY
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         self.buffer = b""
 
     def data_received(self, data: bytes) -> None:
@@ -140,7 +140,7 @@ def start_helpers(total: int, delay: float = DELAY) -> tuple[list[subprocess.Pop
                                          "--delay", str(delay)],
                                         stdout=subprocess.PIPE, text=True))
     for helper in helpers:
-        line = helper.stdout.readline()  # type: ignore[union-attr]
+        line = helper.stdout.readline()  # type: ignore[union-attr]  # stdout=PIPE: never None
         if not line:
             raise RuntimeError("a simulated-exporter helper failed to start")
         ports += json.loads(line)["ports"]
@@ -277,7 +277,7 @@ def main() -> int:
             helper.terminate()
         for helper in helpers:
             helper.wait(timeout=10)
-            helper.stdout.close()  # type: ignore[union-attr]
+            helper.stdout.close()  # type: ignore[union-attr]  # stdout=PIPE: never None
 
     print(f"\nquery fan-out: GET /node/_all/process/{{pid}}, exporters answering after "
           f"{DELAY * 1000:.0f} ms ({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")

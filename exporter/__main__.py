@@ -15,7 +15,8 @@ from procfleet.logs import LOG_LEVELS, setup_logging
 from procfleet.netaddr import ListenError, is_loopback, parse_listen
 from procfleet.serve import HEAD_TIMEOUT, raise_file_limit, serve
 
-log = logging.getLogger("procfleet.exporter")
+# Named by module, as everywhere: __spec__, since __name__ is "__main__" under `python -m`.
+log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
 
 def _thread_count(text: str) -> int:

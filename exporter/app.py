@@ -32,9 +32,15 @@ from procfleet.signals import (
     check_signal,
     check_start_time,
 )
-from procfleet.web import QueryParamRule, install_error_handling, list_filters_or_400, pid_or_400
+from procfleet.web import (
+    App,
+    QueryParamRule,
+    install_error_handling,
+    list_filters_or_400,
+    pid_or_400,
+)
 
-log = logging.getLogger("procfleet.exporter")
+log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/", "/healthz"})
 
@@ -235,7 +241,7 @@ def _slashed_pid(req: falcon.Request, resp: falcon.Response, **params: object) -
 
 def create_app(config: Config, *, reader: Reader | None = None,
                registry: CollectorRegistry | None = None,
-               signaller: Signaller | None = None) -> falcon.App:
+               signaller: Signaller | None = None) -> App:
     """Build the exporter app. Tests pass their own reader, registry or signaller."""
     reader = reader or make_reader(config.reader)
     user_names = UserNames()
@@ -251,12 +257,12 @@ def create_app(config: Config, *, reader: Reader | None = None,
             ["signal", "outcome"], registry=registry)
         signaller = Signaller(config.signal, lookup,
                               lambda name, outcome: signals_total.labels(name, outcome).inc())
-    middleware: list[object] = [SignalAudit(signaller)]
+    middleware: list[SignalAudit | TokenAuth | QueryParamRule] = [SignalAudit(signaller)]
     if config.auth.enabled:
         middleware.append(TokenAuth(config.auth.token_sha256 or "",
                                     protect_metrics=config.auth.protect_metrics))
     middleware.append(QueryParamRule())
-    app = falcon.App(middleware=middleware)
+    app: App = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handling(app, log)
     app.add_route("/", LandingResource(config.hostname))

@@ -20,6 +20,7 @@ A process's group is decided once per incarnation (pid, start time), on first si
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,17 +109,28 @@ class GroupMatcher:
     comm: frozenset[str] | None = None
     exe: tuple[tuple[str, str], ...] | None = None
     cmdline: tuple[re.Pattern[str], ...] | None = None
+    # Parsed from `name` when not given; config loading passes the one it parsed to report
+    # problems, so a template is parsed once.
     template: _Template | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        template = self.template
+        # A bad `name` fails here, at construction, not at the first scrape.
+        _ = self._template, self._exes
+
+    # Derived once from the fields. cached_property stores into the instance's __dict__, so it
+    # needs no assignment through the frozen dataclass's __setattr__.
+    @functools.cached_property
+    def _template(self) -> _Template:
+        if self.template is not None:
+            return self.template
+        template, why = _parse_template(self.name)
         if template is None:
-            template, why = _parse_template(self.name)
-            if template is None:
-                raise ValueError(why)
-            object.__setattr__(self, "template", template)
-        object.__setattr__(self, "_tmpl", template)
-        # basename -> the full paths argv[0] may be, or None when any path will do
+            raise ValueError(why)
+        return template
+
+    @functools.cached_property
+    def _exes(self) -> dict[str, set[str] | None]:
+        """basename -> the full paths argv[0] may be, or None when any path will do."""
         exes: dict[str, set[str] | None] = {}
         for base, full in self.exe or ():
             paths = exes.setdefault(base, set())
@@ -127,11 +139,11 @@ class GroupMatcher:
                     paths.add(full)
                 else:
                     exes[base] = None
-        object.__setattr__(self, "_exes", exes)
+        return exes
 
     @property
     def needs_username(self) -> bool:
-        return "Username" in self._tmpl.fields  # type: ignore[attr-defined]
+        return "Username" in self._template.fields
 
     def match(self, sample: Sample, username: str | Callable[[], str] = "",
               masker: Masker = DEFAULT_MASKER) -> str | None:
@@ -149,7 +161,7 @@ class GroupMatcher:
             if not argv:
                 return None
             base = _go_base(argv[0])
-            exes = self._exes  # type: ignore[attr-defined]
+            exes = self._exes
             if base not in exes:
                 return None
             paths = exes[base]
@@ -169,7 +181,7 @@ class GroupMatcher:
 
     def _name(self, sample: Sample, argv: Sequence[str], username: str | Callable[[], str],
               matches: Mapping[str, str], masker: Masker) -> str:
-        fields = self._tmpl.fields  # type: ignore[attr-defined]
+        fields = self._template.fields
         values: dict[str, Any] = {}
         if "Comm" in fields:
             values["Comm"] = sample.comm
@@ -184,7 +196,7 @@ class GroupMatcher:
             values["PID"] = sample.pid
         if "StartTime" in fields:
             values["StartTime"] = _go_time(sample.create_time)
-        return self._tmpl.render(values, matches)  # type: ignore[attr-defined]
+        return self._template.render(values, matches)
 
 
 def _masked_captures(joined: str, captured: Mapping[str, tuple[int, int]],

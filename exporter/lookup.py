@@ -12,12 +12,13 @@ from exporter.procs import ProcessError, Reader, UserNames
 from procfleet.params import ListFilters
 from procfleet.process import ProcessInfo
 
-SORT_ORDER: dict[str, Callable[[ProcessInfo], float]] = {
+# Each key is compared only with its own kind: numbers, or RFC 3339 text (which sorts by time).
+SORT_ORDER: dict[str, Callable[[ProcessInfo], float | str]] = {
     "cpu": lambda p: p.cpu_percent or 0.0,
     "mem": lambda p: p.mem_percent or 0.0,
     "rss": lambda p: float(p.mem_rss or 0),
     # Newest first: "what just started?" is the question a top-N by start answers.
-    "start": lambda p: p.start_time or "",  # type: ignore[dict-item]
+    "start": lambda p: p.start_time or "",
 }
 
 

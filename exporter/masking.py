@@ -37,6 +37,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 MASK = "***"
 
@@ -153,6 +154,7 @@ def text_spans(text: str) -> list[_Span]:
     if low is None:  # rare scripts whose case folding changes lengths: mask by the original
         low = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
     spans: list[_Span] = []
+    m: re.Match[str] | None
     if "://" in text:
         for m in _URL_USERINFO.finditer(text):
             info = m.group("info")
@@ -173,10 +175,11 @@ def text_spans(text: str) -> list[_Span]:
         if found is None:
             break
         back = len(text) - found.start()  # where the text before the word starts in `rev`
-        run_start = found.start() - (_RUN.match(rev, back).end() - back)
+        # _RUN may match nothing, so it always matches: its .match() is never None below.
+        run_start = found.start() - (_RUN.match(rev, back).end() - back)  # type: ignore[union-attr]
         m = _KEY_AT.match(text, run_start)
         if m is None:
-            pos = _RUN.match(text, found.start()).end() + 1
+            pos = _RUN.match(text, found.start()).end() + 1  # type: ignore[union-attr]  # as above
             continue
         start = run_start
         pos = m.end("key")
@@ -551,6 +554,7 @@ def backtracking_risk(pattern: str) -> str | None:
     bounded by the length limits the masker applies to user patterns.
     """
     try:
+        # A private module, so typeshed has no stub for it: its names are Any here.
         from re import _parser  # type: ignore[attr-defined]
     except ImportError:  # pragma: no cover - a Python without re._parser; the limits remain
         return None
@@ -562,8 +566,8 @@ def backtracking_risk(pattern: str) -> str | None:
     repeats |= {getattr(_parser, "POSSESSIVE_REPEAT", _parser.MAX_REPEAT)}
     backrefs = {_parser.GROUPREF, _parser.GROUPREF_EXISTS}
 
-    def walk(items: object, inside_repeat: bool) -> str | None:
-        for op, arg in items:  # type: ignore[attr-defined]
+    def walk(items: Iterable[tuple[Any, Any]], inside_repeat: bool) -> str | None:
+        for op, arg in items:  # a SubPattern: (opcode, argument) pairs
             if op in backrefs:
                 return "backreferences are not allowed (they can take exponential time)"
             if op in repeats:

@@ -101,7 +101,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     # Shared options may come before or after the command; SUPPRESS keeps a subcommand
     # from resetting what was given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)  # argparse's types want parents of the subparsers' class
     common.add_argument("--url", default=argparse.SUPPRESS, metavar="URL",
                         help=f"query service base URL (default: $PROCFLEET_URL, else "
                              f"{DEFAULT_URL})")
@@ -224,7 +224,8 @@ def check_reply(reply: Reply, base_url: str) -> list[Mapping[str, Any]]:
         if (isinstance(data, dict) and isinstance(data.get("results"), list)
                 and all(isinstance(r, dict) and isinstance(r.get("hostname"), str)
                         for r in data["results"])):
-            return data["results"]
+            results: list[Mapping[str, Any]] = data["results"]
+            return results
         raise CliError(f"the service at {base_url} answered 200 with a body that is not the "
                        "documented {job_id, results} JSON", EXIT_SERVICE)
     if isinstance(data, dict) and isinstance(data.get("error"), str):

@@ -100,7 +100,7 @@ class Problems:
     def one_of(self, data: Mapping[str, Any], key: str, choices: tuple[str, ...], default: str,
                path: str) -> str:
         """data[key] when it is one of `choices`, else note it (listing them) and default."""
-        value = self.typed(data, key, str, default, path)
+        value: str = self.typed(data, key, str, default, path)
         if value not in choices:
             self.add(f"{path}.{key}" if path else key,
                      f"must be one of {', '.join(choices)}, got {value!r}")

@@ -148,7 +148,7 @@ class Service:
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      process_group=0, preexec_fn=_die_with_parent())
-        os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
+        os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]  # stdout=PIPE
 
     def pump(self) -> bool:
         """Pass on what the service logged; False once its output is closed."""

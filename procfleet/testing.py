@@ -14,13 +14,15 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def wait_until(check: Callable[[], bool], *, timeout: float = 10.0,
@@ -34,7 +36,7 @@ def wait_until(check: Callable[[], bool], *, timeout: float = 10.0,
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 30.0,
+def wait_ready(url: str, proc: subprocess.Popen[Any], timeout: float = 30.0,
                log: Path | None = None) -> None:
     """Wait until `url` answers 200, failing early (with `log`'s tail) if the server exits."""
     deadline = time.monotonic() + timeout
@@ -51,7 +53,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 30.0,
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
-def reap(proc: subprocess.Popen) -> None:
+def reap(proc: subprocess.Popen[Any]) -> None:
     """Kill `proc` if it still runs and wait for it, so no zombie or warning is left."""
     if proc.poll() is None:
         proc.kill()
@@ -143,7 +145,8 @@ class Server:
     def healthy(self, path: str = "/healthz", timeout: float = 5.0) -> bool:
         try:
             with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
-                return resp.status == 200
+                ok: bool = resp.status == 200
+                return ok
         except OSError:
             return False
 

@@ -17,6 +17,9 @@ more, and all of it lives here:
 `waitress_problems()` lists every way the installed waitress differs from what this module was
 written for (version range, and the presence and signature of each internal it uses);
 tests/procfleet/test_waitress_adapter.py fails on any of them, and `create_server` logs them.
+
+types-waitress describes waitress's public API; where this module goes past it, or the stubs
+disagree with waitress 3.0 itself, a `# type: ignore[code]` says which (mypy --strict).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import waitress
+import waitress.server
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
@@ -53,7 +56,8 @@ SUPPORTED = ((3, 0, 0), (3, 1, 0))
 # (object, attribute, parameters its signature must have, or None for a plain attribute).
 # Each is an internal this module reads, overrides or calls; keep the list in step with the code.
 INTERNALS: tuple[tuple[Any, str, tuple[str, ...] | None], ...] = (
-    (waitress, "create_server", ("application", "map", "_start", "_sock", "_dispatcher", "kw")),
+    (waitress.server, "create_server",
+     ("application", "map", "_start", "_sock", "_dispatcher", "kw")),
     (BaseWSGIServer, "channel_class", None),
     (BaseWSGIServer, "accepting", None),
     (BaseWSGIServer, "pull_trigger", ("self",)),
@@ -151,12 +155,14 @@ class JsonErrorTask(ErrorTask):
     """waitress's own error answers (bad request line, 413, 431, 501, 500) as JSON."""
 
     def execute(self) -> None:
-        error = self.request.error
+        # An ErrorTask is given the parser, which holds the error; the stubs say the Error.
+        error = self.request.error  # type: ignore[attr-defined]
         reason = str(error.reason)
         body = json.dumps(error_body(int(error.code), reason.lower(),
                                      str(error.body) or reason)).encode("utf-8")
         self.status = f"{error.code} {reason}"
-        self.response_headers.append(("Content-Type", "application/json"))
+        # A list at run time; the stubs declare a read-only Sequence.
+        self.response_headers.append(("Content-Type", "application/json"))  # type: ignore[attr-defined]
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
@@ -177,7 +183,8 @@ class Channel(HTTPChannel):
         self.waiting_since: float | None = time.monotonic()
         super().__init__(server, sock, addr, adj, map)
         # An instance-level parser factory, so the parser can report a complete request back.
-        self.parser_class = self._new_parser
+        # waitress only calls parser_class(adj), so a factory serves where a class is declared.
+        self.parser_class = self._new_parser  # type: ignore[assignment]
 
     def _new_parser(self, adj: Any) -> StrictParser:
         return StrictParser(adj, on_complete=self._request_complete)
@@ -193,7 +200,8 @@ class Channel(HTTPChannel):
 
 def _accept_burst(listener: BaseWSGIServer) -> None:
     """Accept up to ACCEPT_BURST waiting connections, within waitress's connection limit."""
-    connections = listener._map  # the socket map waitress counts against connection_limit
+    # The socket map waitress counts against connection_limit (private: not in the stubs).
+    connections = listener._map  # type: ignore[attr-defined]
     for _ in range(ACCEPT_BURST):
         before = len(connections)
         BaseWSGIServer.handle_accept(listener)
@@ -211,19 +219,24 @@ class WaitressServer:
         # poll() instead of select(): select() fails on fd numbers past 1023, which a service
         # with a raised open-files limit reaches under load.
         settings["asyncore_use_poll"] = True
-        self._server = waitress.create_server(app, host=host, port=port, **settings)
+        self._server = waitress.server.create_server(app, host=host, port=port, **settings)
         # A single listener is returned itself; several (e.g. a name resolving to v4 and v6)
-        # come wrapped in a MultiSocketServer holding the shared map.
-        self.map: dict[int, Any] = (self._server.map if hasattr(self._server, "map")
-                                    else self._server._map)
+        # come wrapped in a MultiSocketServer holding the shared map. The stubs type that map
+        # as fd -> socket (it holds dispatchers) and leave out a listener's private _map.
+        self.map: dict[int, Any] = (self._server.map  # type: ignore[assignment]
+                                    if hasattr(self._server, "map")
+                                    else self._server._map)  # type: ignore[attr-defined]
         self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
         for listener in self.listeners:
             listener.channel_class = Channel  # per server object, not process-wide
-            listener.handle_accept = functools.partial(_accept_burst, listener)
+            # An instance attribute shadowing the method, on purpose (mypy: method-assign).
+            listener.handle_accept = functools.partial(  # type: ignore[method-assign]
+                _accept_burst, listener)
         self.head_timeout = head_timeout
-        # getnameinfo() gives the port as text.
-        self.bound = (str(self.listeners[0].effective_host),
-                      int(self.listeners[0].effective_port))
+        # getnameinfo() gives the port as text. BaseWSGIServer.__init__ sets both attributes;
+        # the stubs leave them out.
+        self.bound = (str(self.listeners[0].effective_host),  # type: ignore[attr-defined]
+                      int(self.listeners[0].effective_port))  # type: ignore[attr-defined]
 
     def poll(self, timeout: float) -> None:
         """Handle what is ready (accepts, reads, writes), waiting at most `timeout` seconds."""
@@ -264,5 +277,6 @@ class WaitressServer:
 
     def close(self, worker_timeout: float = 1.0) -> None:
         """Stop the worker threads (bounded) and close every socket."""
-        self._server.task_dispatcher.shutdown(timeout=worker_timeout)
+        # waitress adds the timeout to time.time(): a float works where the stubs say int.
+        self._server.task_dispatcher.shutdown(timeout=worker_timeout)  # type: ignore[arg-type]
         wasyncore.close_all(self.map)

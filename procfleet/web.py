@@ -11,7 +11,7 @@ import logging
 import re
 from collections.abc import Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeAlias
 
 import falcon
 
@@ -23,6 +23,9 @@ from procfleet.params import (
     single_values,
 )
 from procfleet.timefmt import rfc3339 as rfc3339  # re-exported: its old home
+
+# falcon.App is generic in its request and response classes; both services use falcon's own.
+App: TypeAlias = "falcon.App[falcon.Request, falcon.Response]"
 
 PID_MAX = 2147483647
 PARAM_ERROR = "invalid query parameter"
@@ -102,7 +105,7 @@ def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTP
     resp.media = error_body(code, title, details)
 
 
-def install_error_handling(app: falcon.App, logger: logging.Logger) -> None:
+def install_error_handling(app: App, logger: logging.Logger) -> None:
     """Route every error through one serializer and turn surprises into a logged JSON 500."""
 
     # Falcon picks the handler of the most specific class, and HTTPError (with HTTPStatus)

@@ -27,7 +27,8 @@ from query.config import PERMISSIONS
 from query.discovery import Discovery, DiscoveryError
 from query.fanout import Fanout
 
-log = logging.getLogger("query")
+# Named by module, as everywhere: __spec__, since __name__ is "__main__" under `python -m`.
+log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
 USAGE_ERROR = 2
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -26,7 +26,13 @@ import falcon
 import procfleet
 from procfleet.params import LIST_PARAMS
 from procfleet.timefmt import rfc3339
-from procfleet.web import QueryParamRule, install_error_handling, list_filters_or_400, pid_or_400
+from procfleet.web import (
+    App,
+    QueryParamRule,
+    install_error_handling,
+    list_filters_or_400,
+    pid_or_400,
+)
 from query import metrics as query_metrics
 from query import openapi
 from query.auth import PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
@@ -39,12 +45,12 @@ from query.sd import ServiceDiscoveryResource
 from query.signal import SignalAudit, SignalResource, SignalService
 from query.targets import Target, TargetError, parse_target, resolve
 
-log = logging.getLogger("query.app")
+log = logging.getLogger(__name__)
 
 
 
 def create_app(config: Config, *, discovery: Discovery | None = None,
-               fanout: Fanout | None = None, metrics: Metrics | None = None) -> falcon.App:
+               fanout: Fanout | None = None, metrics: Metrics | None = None) -> App:
     """Build the app. Collaborators not given are made from `config`.
 
     The caller owns a `fanout` it passes in (and closes it); one made here is closed at exit.
@@ -60,8 +66,8 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
     lookup = Lookup(discovery, fanout, limits=config.fanout, observer=metrics)
     authenticator = Authenticator(config.auth)
 
-    app = falcon.App(middleware=[RequestLog(metrics), SignalAudit(metrics),
-                                 AuthMiddleware(authenticator), QueryParamRule()])
+    app: App = falcon.App(middleware=[RequestLog(metrics), SignalAudit(metrics),
+                                      AuthMiddleware(authenticator), QueryParamRule()])
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handling(app, log)
     app.add_route("/node/{hostname}/process/{pid}", ProcessResource(lookup))

@@ -551,7 +551,7 @@ def _discovery(problems: Problems, raw: Any) -> DiscoverySettings:
 
 
 def _url(problems: Problems, item: Mapping[str, Any], path: str) -> str:
-    url = problems.typed(item, "url", str, "", path)
+    url: str = problems.typed(item, "url", str, "", path)
     where = f"{path}.url"
     if not url:
         problems.add(where, "is required")

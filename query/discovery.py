@@ -32,7 +32,7 @@ from query.sources import FixedSource, sources_for
 # discovery failure need not know which module defines them.
 __all__ = ["Discovery", "DiscoveryError", "Exporter", "Fleet", "SourceStats"]
 
-log = logging.getLogger("query.discovery")
+log = logging.getLogger(__name__)
 
 _RESTART_KEYS = ("listen", "threads", "head_timeout", "log_level", "timeouts", "fanout", "auth")
 

@@ -53,7 +53,7 @@ from query.breaker import Guards, Outcome
 from query.config import Config
 from query.discovery import Exporter
 
-log = logging.getLogger("query.fanout")
+log = logging.getLogger(__name__)
 
 Kind = Literal["ok", "not_found", "unsupported", "maintenance", "timeout", "unreachable",
                "bad_status", "bad_body", "rejected"]
@@ -206,13 +206,13 @@ class _Job:
         self.coro = coro
         self.done = threading.Lock()
         self.done.acquire()
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[Any] | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.task = loop.create_task(self.coro)
         self.task.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task) -> None:
+    def _finished(self, task: asyncio.Task[Any]) -> None:
         self.done.release()
 
     def cancel(self) -> None:
@@ -330,7 +330,8 @@ class Fanout:
         """Ask every exporter at once; one result each, in the order given."""
         if len(exporters) == 1:  # a unicast: no other thread needed
             return self.first(exporters, call)
-        return self._run(self._all(exporters, call))
+        results: list[Result] = self._run(self._all(exporters, call))
+        return results
 
     def first(self, exporters: Sequence[Exporter], call: Call) -> list[Result]:
         """Ask one exporter after another until one gives a valid answer.
@@ -418,7 +419,7 @@ class Fanout:
         finally:
             self.guards.finish_call(name, liveness)
 
-    def _resolve_on_loop(self, host: str, port: int, timeout: float) -> list[tuple]:
+    def _resolve_on_loop(self, host: str, port: int, timeout: float) -> list[tuple[int, Any]]:
         # A name not yet in the resolver's cache: looked up by the loop (getaddrinfo in its
         # executor), so a request thread waits no longer than its own deadline.
         future = asyncio.run_coroutine_threadsafe(self._resolver.resolve(host, port),

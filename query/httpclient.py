@@ -506,13 +506,13 @@ class Resolver:
         self.max_names = max_names
         self.max_failed = max_failed
         self.negative_ttl = negative_ttl
-        self._cache: dict[tuple[str, int], tuple[float, list[tuple]]] = {}
+        self._cache: dict[tuple[str, int], tuple[float, list[tuple[int, Any]]]] = {}
         self._failed: dict[tuple[str, int], float] = {}
 
     def __len__(self) -> int:
         return len(self._cache) + len(self._failed)
 
-    def cached(self, host: str, port: int) -> list[tuple] | None:
+    def cached(self, host: str, port: int) -> list[tuple[int, Any]] | None:
         """The addresses (family, sockaddr) for `host`, or None when they must be looked up.
 
         Raises ResolveError while a recent lookup of `host` failed.
@@ -531,7 +531,7 @@ class Resolver:
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         return [(family, (host, port))]
 
-    async def resolve(self, host: str, port: int) -> list[tuple]:
+    async def resolve(self, host: str, port: int) -> list[tuple[int, Any]]:
         addresses = self.cached(host, port)
         if addresses is not None:
             return addresses
@@ -552,7 +552,7 @@ class Resolver:
         return addresses
 
 
-def _bounded_put(cache: dict, key: Any, value: Any, bound: int, now: float,
+def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, bound: int, now: float,
                  expiry: Callable[[Any], float]) -> None:
     cache.pop(key, None)
     if len(cache) >= bound:
@@ -583,7 +583,7 @@ class SyncClient:
     """
 
     def __init__(self, resolver: Resolver,
-                 resolve: Callable[[str, int, float], list[tuple]], *,
+                 resolve: Callable[[str, int, float], list[tuple[int, Any]]], *,
                  idle_seconds: float = IDLE_SECONDS, per_origin: int = MAX_IDLE_PER_ORIGIN,
                  total: int = MAX_IDLE_TOTAL) -> None:
         self._resolver = resolver
@@ -616,6 +616,7 @@ class SyncClient:
     def _exchange(self, origin: Origin, sock: socket.socket, request: bytes, until: float,
                   body_cap: BodyCap) -> Response:
         reader = _Reader(body_cap)
+        response: Response | None  # as reader.response; both ways out of the loop leave one
         try:
             sock.settimeout(_remaining(until))
             try:
@@ -732,9 +733,10 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.sock: Any = None
         self._reader: _Reader | None = None
-        self._waiter: asyncio.Future | None = None
+        self._waiter: asyncio.Future[Response] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream connection's transport is a Transport; the Protocol API names the base class.
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         self.sock = sock
@@ -746,7 +748,7 @@ class _Connection(asyncio.Protocol):
         arrived while idle, so the socket itself is asked (with a 0 timeout)."""
         return not self.closed and (self.sock is None or not _readable(self.sock))
 
-    def request(self, data: bytes, body_cap: BodyCap) -> asyncio.Future:
+    def request(self, data: bytes, body_cap: BodyCap) -> asyncio.Future[Response]:
         self._reader = _Reader(body_cap)
         self._waiter = asyncio.get_running_loop().create_future()
         assert self.transport is not None
@@ -767,6 +769,7 @@ class _Connection(asyncio.Protocol):
         if done:
             if not reader.keep_alive:
                 self.close()
+            assert reader.response is not None  # feed() is done when the answer is
             self._settle(reader.response)
 
     def eof_received(self) -> bool:
@@ -789,7 +792,7 @@ class _Connection(asyncio.Protocol):
         else:
             self._settle(NetworkError(OSError(str(exc))))
 
-    def _settle(self, outcome: object) -> None:
+    def _settle(self, outcome: Response | BaseException) -> None:
         waiter, self._waiter, self._reader = self._waiter, None, None
         if waiter is None or waiter.done():
             return

@@ -14,7 +14,7 @@ import procfleet
 @functools.cache
 def _load() -> dict[str, Any]:
     text = resources.files("query").joinpath("openapi.json").read_text(encoding="utf-8")
-    document = json.loads(text)
+    document: dict[str, Any] = json.loads(text)
     document["info"]["version"] = procfleet.__version__
     return document
 

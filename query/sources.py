@@ -60,7 +60,7 @@ class StaticSource:
     """The `exporters:` list of the configuration; exporter_token fills gaps in its scope."""
 
     name = "static"
-    interval = None
+    interval: float | None = None  # polled only on a reload
     required = True
 
     def __init__(self, config: Config) -> None:
@@ -79,7 +79,7 @@ class StaticSource:
 class FixedSource:
     """A fixed list of exporters (for tests and tools)."""
 
-    interval = None
+    interval: float | None = None  # polled only on a reload
     required = True
 
     def __init__(self, exporters: Iterable[Exporter], name: str = "fixed") -> None:
@@ -323,7 +323,8 @@ class PrometheusSource:
         for target in targets:
             if not isinstance(target, Mapping):
                 continue
-            labels = target.get("labels") if isinstance(target.get("labels"), Mapping) else {}
+            raw_labels = target.get("labels")
+            labels: Mapping[str, Any] = raw_labels if isinstance(raw_labels, Mapping) else {}
             if self.settings.job not in (labels.get("job"), target.get("scrapePool")):
                 continue
             try:

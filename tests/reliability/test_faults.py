@@ -104,7 +104,7 @@ def check_failed(result: dict, fault: str) -> None:
 def test_broadcast_reports_each_fault(faulty_query: Server, child: subprocess.Popen,
                                       victim: tuple[subprocess.Popen, str]) -> None:
     """`_all` while one exporter is killed mid-request: each fault its own result, in time."""
-    box: dict[str, object] = {}
+    box: dict[str, tuple[requests.Response, float]] = {}
 
     def broadcast() -> None:
         box["answer"] = timed_get(f"{faulty_query.url}/node/_all/process/{child.pid}")
@@ -119,7 +119,7 @@ def test_broadcast_reports_each_fault(faulty_query: Server, child: subprocess.Po
     wait_until(victim_is_asked, timeout=REQUEST_DEADLINE, what="the broadcast to reach the victim")
     victim[0].send_signal(signal.SIGKILL)  # mid-request: it has read the request, not answered
     thread.join(timeout=REQUEST_DEADLINE + 15)
-    response, elapsed = box["answer"]  # type: ignore[misc]
+    response, elapsed = box["answer"]
     assert elapsed < REQUEST_DEADLINE + MARGIN
     assert response.status_code == 200, response.text  # the real exporter answered
     results = response.json()["results"]
