@@ -16,7 +16,7 @@ enabled, signal allowed, never pid 1 or this exporter, the process exists, never
 thread or a zombie, identity (`start_time`, `match.name`), user, groups. Then a dry run stops;
 a real one sends through a pidfd opened *before* the process was read, so if the pid is
 reused between the checks and the send, the signal goes nowhere instead of to a stranger.
-Each request is one audit line (logger `procfleet.exporter.audit`) and one count in
+Each request is one audit line (logger `exporter.actions.audit`) and one count in
 `procfleet_signals_total{signal,outcome}`.
 """
 
@@ -39,7 +39,8 @@ from procfleet.process import ProcessInfo
 from procfleet.signals import SIGNAL_NAMES
 from procfleet.timefmt import rfc3339
 
-audit_log = logging.getLogger("procfleet.exporter.audit")
+log = logging.getLogger(__name__)
+audit_log = log.getChild("audit")  # a name of its own: operators route audit lines apart
 
 OutcomeKind = Literal["signalled", "dry_run", "refused", "mismatch", "not_found", "failed"]
 _POLICY_KEYS = {"enabled", "signals", "users", "allow_root", "groups"}

@@ -23,7 +23,7 @@ Per host, what an exporter's answer becomes:
     maintenance / not reached      skipped
     timeout, unreachable, bad ...  failed
 
-Every request, refused or not, is one audit line (logger `procfleet.query.audit`) and one
+Every request, refused or not, is one audit line (logger `query.signal.audit`) and one
 count in `procfleet_query_signals_total{outcome}`.
 """
 
@@ -55,7 +55,8 @@ from query.lookup import ResultObserver
 from query.metrics import Metrics
 from query.targets import Target, TargetError, parse_target, resolve
 
-audit_log = logging.getLogger("procfleet.query.audit")
+log = logging.getLogger(__name__)
+audit_log = log.getChild("audit")  # a name of its own: operators route audit lines apart
 
 MAX_HOSTS_LIMIT = 1_000_000
 _BODY_KEYS = frozenset({"signal", "start_time", "match", "dry_run", "max_hosts", "batch"})

@@ -20,7 +20,7 @@ import requests
 
 from exporter.actions import SignalPolicy, SignalRequest, parse_signal_policy, refusal
 from exporter.app import create_app
-from exporter.config import from_mapping
+from exporter.config import Config, from_mapping
 from exporter.groups import parse_groups
 from exporter.procs import Sample
 from procfleet.configcheck import ConfigError, Problems
@@ -45,15 +45,15 @@ while True:
 """
 
 
-def config(*, enabled: bool = True, token: bool = True, **policy: object) -> object:
+def config(*, enabled: bool = True, token: bool = True, **policy: object) -> Config:
     raw: dict = {"hostname": "web-01", "actions": {"signal": {"enabled": enabled, **policy}}}
     if token:
         raw["auth"] = {"token_sha256": TOKEN_SHA}
     return from_mapping(raw)
 
 
-def client(cfg: object) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(cfg))  # type: ignore[arg-type]
+def client(cfg: Config) -> falcon.testing.TestClient:
+    return falcon.testing.TestClient(create_app(cfg))
 
 
 def start_time_of(pid: int) -> str:
@@ -94,7 +94,7 @@ def test_term_ends_a_child_and_is_audited(enabled_exporter, children):
     metrics = requests.get(enabled_exporter.url + "/metrics", headers=AUTH, timeout=10).text
     assert 'procfleet_signals_total{outcome="signalled",signal="TERM"} 1.0' in metrics
     line = next(ln for ln in enabled_exporter.output().splitlines()
-                if "procfleet.exporter.audit" in ln)
+                if "exporter.actions.audit" in ln)
     for field in ("job_id=job-1", "key=ops", f"pid={child.pid}", "signal=TERM",
                   "outcome=signalled", f"start_time={body['start_time']}", "target=self"):
         assert field in line

@@ -320,7 +320,7 @@ def test_batch_sizes():
 
 def test_every_request_is_audited_and_counted(query, kids, caplog):
     child = kids()
-    caplog.set_level(logging.INFO, logger="procfleet.query.audit")
+    caplog.set_level(logging.INFO, logger="query.signal.audit")
     post(query, f"/node/web-01/process/{child.pid}/signal",
          {"signal": "TERM", "dry_run": True})
     post(query, f"/node/web-01/process/{child.pid}/signal", {"signal": "KILL"},
@@ -328,7 +328,7 @@ def test_every_request_is_audited_and_counted(query, kids, caplog):
     post(query, f"/node/web-01/process/{child.pid}/signal",
          {"signal": "TERM", "start_time": started(child.pid)})
     child.wait(timeout=10)
-    lines = [r.fields for r in caplog.records if r.name == "procfleet.query.audit"]
+    lines = [r.fields for r in caplog.records if r.name == "query.signal.audit"]
     assert [f["outcome"] for f in lines] == ["dry_run", "rejected", "signalled"]
     assert lines[0]["key"] == "ops" and lines[1]["key"] == "reader"
     assert lines[2]["signal"] == "TERM" and lines[2]["start_time"].endswith("Z")
