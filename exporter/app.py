@@ -133,7 +133,8 @@ def create_app(config: Config, *, reader: Reader | None = None,
     if registry is None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ProcessCollector(reader, config.groups, config.metrics,
-                                           version=__version__, user_name=user_names))
+                                           version=__version__, user_name=user_names,
+                                           masker=config.masker))
     middleware: list[object] = []
     if config.auth.enabled:
         middleware.append(TokenAuth(config.auth.token_sha256 or "",

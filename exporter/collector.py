@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector
 
 from exporter.config import MetricsOptions
 from exporter.groups import GroupMatcher, name_process
+from exporter.masking import DEFAULT_MASKER, Masker
 from exporter.procs import ProcessDenied, ProcessGone, Reader, Sample
 
 ERROR_KINDS = ("vanished", "denied", "partial", "other")
@@ -76,15 +77,20 @@ class ProcessCollector(Collector):
     def __init__(self, reader: Reader, groups: tuple[GroupMatcher, ...],
                  options: MetricsOptions, *, version: str,
                  user_name: Callable[[int], str],
+                 masker: Masker = DEFAULT_MASKER,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         """`reader` is where processes come from (a ProcfsReader over scripted /proc files
-        in tests); `clock` times the scrape for procfleet_scrape_duration_seconds."""
+        in tests); `masker` masks the argv text group names carry (`{{.ExeFull}}`,
+        `{{.Matches.NAME}}`): the app passes the configured one, so labels follow
+        `masking:` as the JSON does; `clock` times the scrape for
+        procfleet_scrape_duration_seconds."""
         self._reader = reader
         self._clock = clock
         self._groups = groups
         self._options = options
         self._version = version
         self._user_name = user_name
+        self._masker = masker
         self._lock = threading.Lock()
         self._known: dict[int, _Incarnation] = {}  # pid -> its current incarnation
         self._accum: dict[str, list[float]] = {}  # group -> counters, never decreasing
@@ -138,7 +144,7 @@ class ProcessCollector(Collector):
                 errors["other"] += 1
                 continue
             if inc is None:
-                group = name_process(self._groups, sample, self._user_name)
+                group = name_process(self._groups, sample, self._user_name, self._masker)
                 # The first scrape is the baseline; later newcomers count in full.
                 inc = _Incarnation(sample.start_ticks, group,
                                    _totals(sample, None) if first else [0.0] * 8)

@@ -9,13 +9,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import falcon.testing
 import psutil
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.app import create_app
 from exporter.collector import ERROR_KINDS, ProcessCollector
-from exporter.config import MAX_TOP_N, MetricsOptions, parse_metrics_options
+from exporter.config import MAX_TOP_N, MetricsOptions, from_mapping, parse_metrics_options
 from exporter.groups import parse_groups
 from exporter.procs import UserNames, make_reader
 from procfleet.configcheck import Problems
@@ -297,6 +299,30 @@ def test_top_n_by_memory_and_selected_groups(spawner: Spawner) -> None:
 
 def test_per_process_series_are_off_by_default() -> None:
     assert "procfleet_process_" not in Exporter().text()
+
+
+# -- group labels follow the masking config ----------------------------------------------
+
+@pytest.mark.parametrize(("masking", "label"), [
+    (None, "read _ # --password=*** pin=4321"),
+    ({"enabled": False}, "read _ # --password=S3cr3tK pin=4321"),
+    ({"extra_patterns": [r"pin=(?P<value>\d+)"]}, "read _ # --password=*** pin=***"),
+], ids=["default", "disabled", "extra-pattern"])
+def test_group_labels_follow_the_masking_config(spawner: Spawner, masking: object,
+                                                label: str) -> None:
+    spawner.spawn("lbl", "read _ # --password=S3cr3tK pin=4321")
+    raw: dict[str, object] = {"groups": [{"comm": [spawner.comm("lbl")],
+                                          "cmdline": ["-c (?P<script>.*)"],
+                                          "name": "{{.Matches.script}}"}]}
+    if masking is not None:
+        raw["masking"] = masking
+    # The whole app, as the exporter builds it: the collector gets the configured masker.
+    client = falcon.testing.TestClient(create_app(from_mapping(raw), reader=make_reader("procfs")))
+    got = client.simulate_get("/metrics")
+    assert got.status_code == 200
+    groups = {s.labels["groupname"] for f in text_string_to_metric_families(got.text)
+              for s in f.samples if s.name == G + "num_procs"}
+    assert groups == {label}
 
 
 # -- exposition quality ------------------------------------------------------------------
