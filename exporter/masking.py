@@ -42,6 +42,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 MASK = "***"
 
@@ -614,9 +615,11 @@ def check_pattern(pattern: str) -> str | None:
 def backtracking_risk(pattern: str) -> str | None:
     """Why `pattern` may take exponential time on hostile text (None when it is not known to).
 
-    Catches the two classic causes: a quantified group holding another quantifier,
-    `(a+)+` or `(\\w+\\s?)*`, and backreferences. Polynomial cost that remains (`.*x.*y`) is
-    bounded by the length limits the masker applies to user patterns.
+    Catches the classic causes: a repeated group holding another quantifier, `(a+)+`,
+    `(\\w+\\s?)*` or `(x?x)+`; a repeated group holding alternatives that may start alike,
+    `(a|aa)+` or `(a|a?b)*`; and backreferences. Polynomial cost that remains (`.*x.*y`) is
+    bounded by the length limits applied to the text (masking's user patterns, groups'
+    cmdline regexes).
     """
     try:
         from re import _parser  # type: ignore[attr-defined]
@@ -636,13 +639,17 @@ def backtracking_risk(pattern: str) -> str | None:
                 return "backreferences are not allowed (they can take exponential time)"
             if op in repeats:
                 low, high, sub = arg
-                if inside_repeat and (high > 1 or high == _parser.MAXREPEAT):
-                    return ("nested quantifiers such as (a+)+ are not allowed (they can "
-                            "take exponential time on hostile command lines)")
+                if inside_repeat and low != high:
+                    return ("nested quantifiers such as (a+)+ or (x?x)+ are not allowed (they "
+                            "can take exponential time on hostile command lines)")
                 why = walk(sub, inside_repeat or high > 1)
             elif op == _parser.SUBPATTERN:
                 why = walk(arg[-1], inside_repeat)
             elif op == _parser.BRANCH:
+                if inside_repeat and not _distinct_starts(arg[1]):
+                    return ("a repeated group of alternatives that may start alike, such as "
+                            "(a|aa)+, is not allowed (it can take exponential time on hostile "
+                            "command lines); start each alternative with a different character")
                 why = next((w for w in (walk(b, inside_repeat) for b in arg[1]) if w), None)
             elif op in (_parser.ASSERT, _parser.ASSERT_NOT):
                 why = walk(arg[1], inside_repeat)
@@ -653,6 +660,16 @@ def backtracking_risk(pattern: str) -> str | None:
             if why:
                 return why
         return None
+
+    def _distinct_starts(branches: list[Any]) -> bool:
+        """Whether each alternative starts with its own literal character (one way to match)."""
+        firsts = set()
+        for branch in branches:
+            items = list(branch)
+            if not items or items[0][0] != _parser.LITERAL:
+                return False
+            firsts.add(chr(items[0][1]).lower())
+        return len(firsts) == len(branches)
 
     return walk(tree, False)
 
