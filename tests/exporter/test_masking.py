@@ -214,6 +214,8 @@ def test_arguments_past_the_work_budget_fail_closed():
     (r"(?P<value>(a+)+)b", "nested quantifiers"),
     (r"(?P<value>(?:\w+\s?)*)=", "nested quantifiers"),
     (r"(?P<q>['\"])(?P<value>.*)(?P=q)", "backreferences"),
+    (r"key=(?P<value>(?:x|xx)+)y", "alternatives that may start alike"),
+    (r"key=(?P<value>(?:x?x)+)y", "nested quantifiers"),
 ])
 def test_backtracking_user_patterns_are_refused(pattern, problem):
     assert problem in (check_pattern(pattern) or "")
