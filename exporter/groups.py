@@ -51,6 +51,9 @@ _NO_VALUE = "<no value>"  # what Go's text/template prints for a missing map key
 # a 128 KiB argument, while `-jar x.jar` after a long classpath still shows.
 CMDLINE_ARG_SPAN = 1024
 CMDLINE_SPAN = 4096
+# A group name is a label value on every series of its group, and the collector keeps it
+# per process: `{{.ExeFull}}` of a 128 KiB argv[0] is cut to this many characters.
+GROUP_NAME_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,8 @@ def name_process(groups: Sequence[GroupMatcher], sample: Sample,
                  masker: Masker = DEFAULT_MASKER) -> str | None:
     """First match wins: the group name of this process, or None when no group wants it.
 
-    `masker` masks the argv text a name may carry; pass the configured one.
+    `masker` masks the argv text a name may carry; pass the configured one. Names are cut
+    to `GROUP_NAME_MAX` characters (after masking).
     """
     cached: list[str] = []
 
@@ -277,7 +281,7 @@ def name_process(groups: Sequence[GroupMatcher], sample: Sample,
     for matcher in groups:
         name = matcher.match(sample, username, masker)
         if name is not None:
-            return name
+            return name[:GROUP_NAME_MAX]
     return None
 
 
@@ -376,5 +380,5 @@ def _strings(item: Mapping[str, Any], key: str, problems: Problems,
     return good if len(good) == len(value) else None
 
 
-__all__ = ["CMDLINE_ARG_SPAN", "CMDLINE_SPAN", "DEFAULT_GROUPS", "DEFAULT_NAME", "GroupMatcher",
-           "name_process", "parse_groups", "regex_text"]
+__all__ = ["CMDLINE_ARG_SPAN", "CMDLINE_SPAN", "DEFAULT_GROUPS", "DEFAULT_NAME", "GROUP_NAME_MAX",
+           "GroupMatcher", "name_process", "parse_groups", "regex_text"]

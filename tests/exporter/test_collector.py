@@ -16,9 +16,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import create_app
-from exporter.collector import ERROR_KINDS, ProcessCollector
+from exporter.collector import EMPTY_GROUPS_KEPT, ERROR_KINDS, ProcessCollector
 from exporter.config import MAX_TOP_N, MetricsOptions, from_mapping, parse_metrics_options
-from exporter.groups import parse_groups
+from exporter.groups import GROUP_NAME_MAX, parse_groups
 from exporter.procs import UserNames, make_reader
 from procfleet.configcheck import Problems
 from procfleet.testing import NamedChildren, wait_for_comm, wait_until
@@ -55,12 +55,14 @@ def spawner(tmp_path: Path) -> Iterator[Spawner]:
 class Exporter:
     """A collector on a private registry, scraped through the text exposition."""
 
-    def __init__(self, groups_raw: object = None, reader: str = "procfs", **options) -> None:
+    def __init__(self, groups_raw: object = None, reader: str = "procfs",
+                 empty_groups_kept: int = EMPTY_GROUPS_KEPT, **options) -> None:
         problems = Problems()
         groups = parse_groups(groups_raw, problems)
         assert problems.items == []
         self.collector = ProcessCollector(make_reader(reader), groups, MetricsOptions(**options),
-                                          version="9.9.9-test", user_name=UserNames())
+                                          version="9.9.9-test", user_name=UserNames(),
+                                          empty_groups_kept=empty_groups_kept)
         self.registry = CollectorRegistry()
         self.registry.register(self.collector)
 
@@ -222,6 +224,32 @@ def test_drop_empty_groups(spawner: Spawner) -> None:
     values = exporter.scrape()
     assert all(labels != (("groupname", group),) for _, labels in values)
     assert not any(dict(labels).get("groupname") == group for _, labels in values)
+
+
+def test_empty_groups_kept_are_bounded_longest_empty_first(spawner: Spawner) -> None:
+    children = [spawner.spawn("emp") for _ in range(5)]
+    # One group per process: what a name carrying argv text or {{.PID}} makes of churn.
+    exporter = Exporter([{"comm": [spawner.comm("emp")], "name": "emp-{{.PID}}"}],
+                        empty_groups_kept=2)
+
+    def groups() -> set[str]:
+        return {dict(labels)["groupname"] for name, labels in exporter.scrape()
+                if name == G + "num_procs"}
+
+    assert groups() == {f"emp-{c.pid}" for c in children}
+    for child in children[:3]:
+        kill(child)
+        groups()
+    # The first to go empty is forgotten; the two latest empty ones and the live ones stay.
+    assert groups() == {f"emp-{c.pid}" for c in children[1:]}
+
+
+def test_group_names_are_cut(spawner: Spawner) -> None:
+    child = spawner.start("long", "/bin/sh", "-c", "read _", "a" * 1000, "b" * 1000, "c" * 1000)
+    values = Exporter([{"comm": [spawner.comm("long")], "cmdline": ["read _ (?P<args>.*)"],
+                        "name": "{{.Matches.args}}"}]).scrape()
+    (name,) = {dict(labels)["groupname"] for name, labels in values if name == G + "num_procs"}
+    assert name == ("a" * 1000 + " " + "b" * 1000)[:GROUP_NAME_MAX], child.pid
 
 
 # -- grouping ----------------------------------------------------------------------------
