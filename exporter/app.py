@@ -248,7 +248,8 @@ def create_app(config: Config, *, reader: Reader | None = None,
     if registry is None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ProcessCollector(reader, config.groups, config.metrics,
-                                           version=__version__, user_name=user_names))
+                                           version=__version__, user_name=user_names,
+                                           masker=config.masker))
     lookup = ProcessLookup(reader, config.masker, user_names)
     if signaller is None:
         signals_total = Counter(

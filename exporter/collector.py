@@ -20,7 +20,14 @@ Counters work as in process-exporter: each process incarnation (pid, start time)
 used since the previous scrape to its group's counters, so a group's counters never go down
 when members exit, and they start near zero when the exporter starts (processes already
 running then count from that moment; processes started later count in full). Groups that
-lose their last process keep being exported with gauges at 0, unless `drop_empty_groups`.
+lose their last process keep being exported with gauges at 0, unless `drop_empty_groups`;
+at most `EMPTY_GROUPS_KEPT` of them, the longest empty going first (its counters start
+again from 0 if it comes back, which rate() reads as a counter reset).
+
+What the collector keeps between scrapes is bounded: one entry per live process (its group
+name, at most `groups.GROUP_NAME_MAX` characters, and eight counters), and the counters of
+the live groups plus at most `EMPTY_GROUPS_KEPT` empty ones. Masked command lines are not
+kept here (the JSON's cache is `masking.MaskCache`).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -35,9 +43,14 @@ from prometheus_client.registry import Collector
 
 from exporter.config import MetricsOptions
 from exporter.groups import GroupMatcher, name_process
+from exporter.masking import DEFAULT_MASKER, Masker
 from exporter.procs import ProcessDenied, ProcessGone, Reader, Sample
 
 ERROR_KINDS = ("vanished", "denied", "partial", "other")
+# Groups with no live process whose counters are kept. Names may carry argv text
+# (`{{.Matches.NAME}}`, `{{.ExeFull}}`): a local user could otherwise make the exporter keep
+# a new group per short-lived process, forever.
+EMPTY_GROUPS_KEPT = 4096
 
 # process-exporter's five state buckets, from the one-letter state in /proc/PID/stat.
 _STATE_INDEX = {"R": 0, "S": 1, "D": 2, "Z": 3}
@@ -76,18 +89,26 @@ class ProcessCollector(Collector):
     def __init__(self, reader: Reader, groups: tuple[GroupMatcher, ...],
                  options: MetricsOptions, *, version: str,
                  user_name: Callable[[int], str],
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 masker: Masker = DEFAULT_MASKER,
+                 clock: Callable[[], float] = time.perf_counter,
+                 empty_groups_kept: int = EMPTY_GROUPS_KEPT) -> None:
         """`reader` is where processes come from (a ProcfsReader over scripted /proc files
-        in tests); `clock` times the scrape for procfleet_scrape_duration_seconds."""
+        in tests); `masker` masks the argv text group names carry (`{{.ExeFull}}`,
+        `{{.Matches.NAME}}`): the app passes the configured one, so labels follow
+        `masking:` as the JSON does; `clock` times the scrape for
+        procfleet_scrape_duration_seconds; `empty_groups_kept` bounds the empty groups."""
         self._reader = reader
         self._clock = clock
         self._groups = groups
         self._options = options
         self._version = version
         self._user_name = user_name
+        self._masker = masker
         self._lock = threading.Lock()
         self._known: dict[int, _Incarnation] = {}  # pid -> its current incarnation
         self._accum: dict[str, list[float]] = {}  # group -> counters, never decreasing
+        self._empty: OrderedDict[str, None] = OrderedDict()  # groups of _accum now empty
+        self._empty_groups_kept = empty_groups_kept
         self._errors = dict.fromkeys(ERROR_KINDS, 0)
         self._scrapes = 0
         self._per_process_groups = frozenset(options.per_process_groups)
@@ -138,7 +159,7 @@ class ProcessCollector(Collector):
                 errors["other"] += 1
                 continue
             if inc is None:
-                group = name_process(self._groups, sample, self._user_name)
+                group = name_process(self._groups, sample, self._user_name, self._masker)
                 # The first scrape is the baseline; later newcomers count in full.
                 inc = _Incarnation(sample.start_ticks, group,
                                    _totals(sample, None) if first else [0.0] * 8)
@@ -162,9 +183,23 @@ class ProcessCollector(Collector):
         self._known = fresh
         reader.forget({(pid, inc.start) for pid, inc in fresh.items()})
         self._scrapes += 1
+        if not options.drop_empty_groups:  # else _families drops every empty group
+            self._bound_empty(gauges)
         families = self._families(gauges, per_process or [])
         families.scrape_duration.add_metric([], self._clock() - started)
         return families.all()
+
+    def _bound_empty(self, gauges: dict[str, list[float]]) -> None:
+        """Forget the counters of the longest-empty groups past `empty_groups_kept`."""
+        empty = self._empty
+        for group in gauges:
+            empty.pop(group, None)
+        for group in self._accum:
+            if group not in gauges and group not in empty:
+                empty[group] = None
+        while len(empty) > self._empty_groups_kept:
+            group, _ = empty.popitem(last=False)
+            del self._accum[group]
 
     def _add(self, gauges: dict[str, list[float]], inc: _Incarnation, sample: Sample,
              pss: _Pss) -> None:
@@ -406,4 +441,4 @@ class _Families:
         return families
 
 
-__all__ = ["ERROR_KINDS", "ProcessCollector"]
+__all__ = ["EMPTY_GROUPS_KEPT", "ERROR_KINDS", "ProcessCollector"]

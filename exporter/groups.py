@@ -15,6 +15,16 @@ Selectors within one item must all match; the first item that matches a process 
 Without a `groups:` key every process, kernel threads included, is grouped by its comm.
 
 A process's group is decided once per incarnation (pid, start time), on first sight.
+
+Unlike Go's regexp, which process-exporter uses, Python's regexes backtrack, and any local
+user chooses the command line they are run on. So `cmdline` regexes get two limits: the
+config is refused (naming the key, e.g. `groups[2].cmdline[0]`) for a pattern that may take
+exponential time (`masking.backtracking_risk`: nested quantifiers such as `(a+)+`,
+alternatives that start alike inside a repeat such as `(a|aa)+`, backreferences); and a
+regex sees only the first `CMDLINE_ARG_SPAN` (1,024) characters of each argument and the
+first `CMDLINE_SPAN` (4,096) characters of the joined command line. Polynomial patterns
+(`.*a.*b`) remain costly on hostile text within those limits: prefer `\\S+`, `[^ ]+` and
+literal prefixes to several `.*`.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.masking import DEFAULT_MASKER, Masker, apply_spans
+from exporter.masking import DEFAULT_MASKER, Masker, apply_spans, backtracking_risk
 from exporter.procs import Sample
 from procfleet.configcheck import Problems
 
@@ -38,6 +48,13 @@ _FIELD_REF = re.compile(r"\.(\w+)(?:\.(\w+))?")
 # Go 1.22 also accepts (?<name>...); Python spells it (?P<name>...).
 _GO_NAMED_GROUP = re.compile(r"(?<!\\)\(\?<(?=[A-Za-z_])")
 _NO_VALUE = "<no value>"  # what Go's text/template prints for a missing map key
+# What a cmdline regex sees (module docstring): bounds what a polynomial pattern may cost on
+# a 128 KiB argument, while `-jar x.jar` after a long classpath still shows.
+CMDLINE_ARG_SPAN = 1024
+CMDLINE_SPAN = 4096
+# A group name is a label value on every series of its group, and the collector keeps it
+# per process: `{{.ExeFull}}` of a 128 KiB argv[0] is cut to this many characters.
+GROUP_NAME_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -102,7 +119,8 @@ class GroupMatcher:
 
     `comm` is a set of exact comm values; `exe` pairs an argv[0] basename with the full path
     argv[0] must equal ("" when the basename alone is enough); `cmdline` regexes are searched
-    in argv joined by spaces. A matcher with no selector at all matches every process.
+    in argv joined by spaces, within the limits of `regex_text`. A matcher with no selector
+    at all matches every process.
     """
 
     name: str = DEFAULT_NAME
@@ -170,7 +188,7 @@ class GroupMatcher:
         captured: dict[str, tuple[int, int]] = {}
         joined = ""
         if self.cmdline is not None:
-            joined = " ".join(argv)
+            joined = regex_text(argv)
             for regex in self.cmdline:
                 found = regex.search(joined)
                 if found is None:
@@ -199,14 +217,29 @@ class GroupMatcher:
         return self._template.render(values, matches)
 
 
+def regex_text(argv: Sequence[str]) -> str:
+    """What cmdline regexes search: argv joined by spaces, within the limits above."""
+    heads = []
+    size = 0
+    for arg in argv:
+        if size >= CMDLINE_SPAN:
+            break
+        heads.append(arg[:CMDLINE_ARG_SPAN])
+        size += len(heads[-1]) + 1
+    return " ".join(heads)[:CMDLINE_SPAN]
+
+
 def _masked_captures(joined: str, captured: Mapping[str, tuple[int, int]],
                      argv: Sequence[str], masker: Masker) -> dict[str, str]:
-    """Each capture's text from `joined` (argv joined by spaces), with masked parts as ***."""
+    """Each capture's text from `joined` (`regex_text(argv)`), with masked parts as ***."""
     spans: list[tuple[int, int]] = []
     offset = 0
     for arg, arg_spans in zip(argv, masker.spans(argv), strict=True):
-        spans.extend((offset + s, offset + e) for s, e in arg_spans)
-        offset += len(arg) + 1
+        if offset >= len(joined):
+            break
+        head = min(len(arg), CMDLINE_ARG_SPAN)  # the spans of the full argument, cut to it
+        spans.extend((offset + s, offset + min(e, head)) for s, e in arg_spans if s < head)
+        offset += head + 1
     out: dict[str, str] = {}
     for key, (start, end) in captured.items():
         if start < 0:
@@ -246,7 +279,8 @@ def name_process(groups: Sequence[GroupMatcher], sample: Sample,
                  masker: Masker = DEFAULT_MASKER) -> str | None:
     """First match wins: the group name of this process, or None when no group wants it.
 
-    `masker` masks the argv text a name may carry; pass the configured one.
+    `masker` masks the argv text a name may carry; pass the configured one. Names are cut
+    to `GROUP_NAME_MAX` characters (after masking).
     """
     cached: list[str] = []
 
@@ -259,7 +293,7 @@ def name_process(groups: Sequence[GroupMatcher], sample: Sample,
     for matcher in groups:
         name = matcher.match(sample, username, masker)
         if name is not None:
-            return name
+            return name[:GROUP_NAME_MAX]
     return None
 
 
@@ -311,10 +345,17 @@ def _parse_item(item: Any, problems: Problems, where: str) -> GroupMatcher | Non
         problems.add(where, "needs at least one selector: comm, exe or cmdline")
     regexes = []
     for j, pattern in enumerate(cmdline or ()):
+        source = _GO_NAMED_GROUP.sub("(?P<", pattern)
         try:
-            regexes.append(re.compile(_GO_NAMED_GROUP.sub("(?P<", pattern)))
+            compiled = re.compile(source)
         except re.error as exc:
             problems.add(f"{where}.cmdline[{j}]", f"invalid regex: {exc}")
+            continue
+        why = backtracking_risk(source)
+        if why:
+            problems.add(f"{where}.cmdline[{j}]", why)
+        else:
+            regexes.append(compiled)
     if len(problems.items) > before:
         return None
     exe_rules = None
@@ -351,4 +392,5 @@ def _strings(item: Mapping[str, Any], key: str, problems: Problems,
     return good if len(good) == len(value) else None
 
 
-__all__ = ["DEFAULT_GROUPS", "DEFAULT_NAME", "GroupMatcher", "name_process", "parse_groups"]
+__all__ = ["CMDLINE_ARG_SPAN", "CMDLINE_SPAN", "DEFAULT_GROUPS", "DEFAULT_NAME", "GROUP_NAME_MAX",
+           "GroupMatcher", "name_process", "parse_groups", "regex_text"]

@@ -21,7 +21,10 @@ Built-in rules (see docs/api.md and SECURITY.md for the guarantees):
 
 Every built-in rule runs in time linear in the length of the command line: scanning is done
 by regexes without nested or backtracking-prone quantifiers (runs are matched possessively
-from their first character only), and the rest is a single pass over tokens.
+from their first character only), and the rest is a single pass over tokens. The per-item
+Python work (arguments, shell words, URLs, credential-word candidates) is capped at
+`WORK_BUDGET` units per command line; past it the masker fails closed (`Budget` says how),
+so the worst 128 KiB argument costs ~10 ms of CPU, whatever its shape.
 
 User patterns (`masking.patterns`, `extra_patterns`) are ordinary regexes, so they get two
 limits instead: `check_pattern` refuses nested quantifiers and backreferences (the causes of
@@ -31,7 +34,9 @@ characters of an argument and `USER_PATTERN_BUDGET` characters of a command line
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import re
 import threading
 from collections import OrderedDict
@@ -47,10 +52,12 @@ USER_PATTERN_BUDGET = 16 * 1024  # characters of one command line user patterns 
 USER_FLAG_SPAN = 256  # a longer argument is not a flag; user flag regexes skip it
 # Shell strings nest (`bash -c "sh -c '…'"`); each level costs one more linear pass.
 SHELL_DEPTH = 3
-# Words of shell strings one command line gets per-word analysis for; past it, what is left
-# of a string is masked whole when it holds a credential word or a program with rules. Keeps
-# a hostile `bash -c "<64K words>"` linear with a small constant, and fails closed.
-SHELL_WORD_BUDGET = 4096
+# Units of per-item Python work one command line gets: each argument, each word of a shell
+# string, each URL and each credential-word candidate (`pw`, `key`…) examined costs one,
+# a few to a few tens of microseconds. The regex scans are linear, so this bounds the
+# whole: a hostile `pw=a&pw=a&…` (32K keys in 128 KiB), `bash -c "<64K words>"` or 64K
+# arguments cost at most WORK_BUDGET units. Past it the masker fails closed: see `Budget`.
+WORK_BUDGET = 1024
 
 
 _Span = tuple[int, int]
@@ -148,8 +155,29 @@ def _line_end(text: str, start: int) -> int:
     return len(text) if end < 0 else end
 
 
-def text_spans(text: str) -> list[_Span]:
-    """Spans of `text` the generic rules mask (may overlap; unsorted)."""
+class Budget:
+    """Units of per-item work left for one command line (see WORK_BUDGET).
+
+    Once spent, the masker fails closed: a text is masked from its next credential word to
+    its end; what is left of a shell string is masked whole when it holds a credential word
+    or a program with rules; each remaining argument is masked whole when it holds a
+    credential word or a URL (and so is the argument after it), and every remaining argument
+    is when a program with rules appears in the command line.
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int = WORK_BUDGET) -> None:
+        self.left = left
+
+
+def text_spans(text: str, budget: Budget | None = None) -> list[_Span]:
+    """Spans of `text` the generic rules mask (may overlap; unsorted).
+
+    `budget` is shared by the texts of one command line (a fresh one per call without it).
+    """
+    if budget is None:
+        budget = Budget()
     low = _lower(text)
     if low is None:  # rare scripts whose case folding changes lengths: mask by the original
         low = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
@@ -157,6 +185,10 @@ def text_spans(text: str) -> list[_Span]:
     m: re.Match[str] | None
     if "://" in text:
         for m in _URL_USERINFO.finditer(text):
+            budget.left -= 1
+            if budget.left < 0:
+                spans.append((m.start("info"), len(text)))  # fail closed
+                break
             info = m.group("info")
             colon = info.find(":")
             if colon >= 0:
@@ -173,6 +205,10 @@ def text_spans(text: str) -> list[_Span]:
     while True:
         found = _CANDIDATE_RX.search(low, pos)
         if found is None:
+            break
+        budget.left -= 1
+        if budget.left < 0:
+            spans.append((found.start(), len(text)))  # fail closed: too many to look at
             break
         back = len(text) - found.start()  # where the text before the word starts in `rev`
         # _RUN may match nothing, so it always matches: its .match() is never None below.
@@ -326,7 +362,7 @@ class _Rules:
     builtin: bool
     builtin_flags: bool
     flags: tuple[re.Pattern[str], ...]
-    shell_words: int = SHELL_WORD_BUDGET  # what is left of the budget
+    work: Budget = field(default_factory=Budget)
 
 
 def _command_spans(words: Sequence[str], rules: _Rules, depth: int) -> list[list[_Span]]:
@@ -338,8 +374,17 @@ def _command_spans(words: Sequence[str], rules: _Rules, depth: int) -> list[list
     pending: _Handler | None = None  # what the previous option says about this word
     after_all = False
     for i, word in enumerate(words):
+        if depth == 0 and rules.builtin:
+            # Shell words were counted as they were split; arguments are counted here.
+            rules.work.left -= 1
+            if rules.work.left < 0:
+                closed = _closed_spans(words[i:], rules, pending is not None,
+                                       rule is not _NO_RULES or after_all)
+                for j, extra in enumerate(closed):
+                    spans[i + j].extend(extra)
+                return spans
         if rules.builtin:
-            spans[i].extend(text_spans(word))
+            spans[i].extend(text_spans(word, rules.work))
             if depth < SHELL_DEPTH and (" " in word or "\t" in word or "\n" in word):
                 spans[i].extend(_shell_spans(word, rules, depth + 1))
         if i == 0:
@@ -369,6 +414,26 @@ def _command_spans(words: Sequence[str], rules: _Rules, depth: int) -> list[list
         elif rule is _NO_RULES:
             rule = PROGRAM_RULES.get(_program(_strip_quotes(word)[0]), _NO_RULES)
     return spans
+
+
+_SUSPECT = re.compile(r"(?i)" + _CANDIDATE + r"|://")
+
+
+def _closed_spans(words: Sequence[str], rules: _Rules, mask_first: bool,
+                  has_rule: bool) -> list[list[_Span]]:
+    """Spans of the arguments left when the work budget is spent, found in one C-speed scan."""
+    joined = "\0".join(words)
+    if has_rule or any(w in joined.lower() for w in _PROGRAM_WORDS):
+        return [_all(word) for word in words]  # `-pSECRET` needs no credential word
+    starts = list(itertools.accumulate((len(w) + 1 for w in words), initial=0))
+    suspects = {bisect.bisect_right(starts, m.start()) - 1 for m in _SUSPECT.finditer(joined)}
+    if rules.flags:
+        suspects.update(i for i, w in enumerate(words) if w.startswith("-")
+                        and len(w) <= USER_FLAG_SPAN
+                        and any(flag.fullmatch(w) for flag in rules.flags))
+    # `--password x`: the value is the next argument.
+    masked = suspects | {i + 1 for i in suspects} | ({0} if mask_first else set())
+    return [_all(w) if i in masked else [] for i, w in enumerate(words)]
 
 
 def _option(word: str, rule: ProgramRule, rules: _Rules, spans: list[_Span]) -> _Handler | None:
@@ -424,7 +489,7 @@ def _shell_spans(text: str, rules: _Rules, depth: int) -> list[_Span]:
             starts.clear()
 
     for m in _SHELL_TOKEN.finditer(inner):
-        if rules.shell_words <= 0:
+        if rules.work.left <= 0:
             tail = low[m.start():]
             if _has_candidate(tail) or any(word in tail for word in _PROGRAM_WORDS):
                 spans.append((offset + m.start(), offset + len(inner)))
@@ -432,7 +497,7 @@ def _shell_spans(text: str, rules: _Rules, depth: int) -> list[_Span]:
         if m.lastgroup == "sep":
             flush()
         else:
-            rules.shell_words -= 1
+            rules.work.left -= 1
             command.append(m.group("word"))
             starts.append(m.start())
     flush()
@@ -449,6 +514,9 @@ def _may_hold_secret(argv: Sequence[str]) -> bool:
 
 def apply_spans(text: str, spans: Iterable[_Span]) -> str:
     """`text` with each span (merged where they touch) replaced by `***`."""
+    if isinstance(spans, list) and len(spans) == 1:  # the common case: one span, no sorting
+        s, e = spans[0]
+        return text[:s] + MASK + text[e:] if e > s else text
     ordered = sorted(s for s in spans if s[1] > s[0])
     if not ordered:
         return text
@@ -493,8 +561,8 @@ class Masker:
     def __call__(self, argv: Sequence[str]) -> list[str]:
         if not self.enabled or not argv:
             return list(argv)
-        return [apply_spans(arg, spans) for arg, spans in zip(argv, self.spans(argv),
-                                                              strict=True)]
+        return [apply_spans(arg, spans) if spans else arg
+                for arg, spans in zip(argv, self.spans(argv), strict=True)]
 
     def spans(self, argv: Sequence[str]) -> list[list[_Span]]:
         """For each argument, the spans that are masked (unsorted, may overlap)."""
@@ -549,9 +617,11 @@ def check_pattern(pattern: str) -> str | None:
 def backtracking_risk(pattern: str) -> str | None:
     """Why `pattern` may take exponential time on hostile text (None when it is not known to).
 
-    Catches the two classic causes: a quantified group holding another quantifier,
-    `(a+)+` or `(\\w+\\s?)*`, and backreferences. Polynomial cost that remains (`.*x.*y`) is
-    bounded by the length limits the masker applies to user patterns.
+    Catches the classic causes: a repeated group holding another quantifier, `(a+)+`,
+    `(\\w+\\s?)*` or `(x?x)+`; a repeated group holding alternatives that may start alike,
+    `(a|aa)+` or `(a|a?b)*`; and backreferences. Polynomial cost that remains (`.*x.*y`) is
+    bounded by the length limits applied to the text (masking's user patterns, groups'
+    cmdline regexes).
     """
     try:
         # A private module, so typeshed has no stub for it: its names are Any here.
@@ -572,13 +642,17 @@ def backtracking_risk(pattern: str) -> str | None:
                 return "backreferences are not allowed (they can take exponential time)"
             if op in repeats:
                 low, high, sub = arg
-                if inside_repeat and (high > 1 or high == _parser.MAXREPEAT):
-                    return ("nested quantifiers such as (a+)+ are not allowed (they can "
-                            "take exponential time on hostile command lines)")
+                if inside_repeat and low != high:
+                    return ("nested quantifiers such as (a+)+ or (x?x)+ are not allowed (they "
+                            "can take exponential time on hostile command lines)")
                 why = walk(sub, inside_repeat or high > 1)
             elif op == _parser.SUBPATTERN:
                 why = walk(arg[-1], inside_repeat)
             elif op == _parser.BRANCH:
+                if inside_repeat and not _distinct_starts(arg[1]):
+                    return ("a repeated group of alternatives that may start alike, such as "
+                            "(a|aa)+, is not allowed (it can take exponential time on hostile "
+                            "command lines); start each alternative with a different character")
                 why = next((w for w in (walk(b, inside_repeat) for b in arg[1]) if w), None)
             elif op in (_parser.ASSERT, _parser.ASSERT_NOT):
                 why = walk(arg[1], inside_repeat)
@@ -589,6 +663,16 @@ def backtracking_risk(pattern: str) -> str | None:
             if why:
                 return why
         return None
+
+    def _distinct_starts(branches: list[Any]) -> bool:
+        """Whether each alternative starts with its own literal character (one way to match)."""
+        firsts = set()
+        for branch in branches:
+            items = list(branch)
+            if not items or items[0][0] != _parser.LITERAL:
+                return False
+            firsts.add(chr(items[0][1]).lower())
+        return len(firsts) == len(branches)
 
     return walk(tree, False)
 
@@ -667,6 +751,6 @@ class MaskCache:
 
 
 __all__ = ["CACHE_MAX_BYTES", "DEFAULT_MASKER", "MASK", "PROGRAM_RULES", "USER_PATTERN_BUDGET",
-           "USER_PATTERN_SPAN",
+           "USER_PATTERN_SPAN", "WORK_BUDGET", "Budget",
            "MaskCache", "Masker", "apply_spans", "backtracking_risk", "check_pattern",
            "is_secret_name", "text_spans"]

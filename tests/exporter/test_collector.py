@@ -9,14 +9,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import falcon.testing
 import psutil
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.collector import ERROR_KINDS, ProcessCollector
-from exporter.config import MAX_TOP_N, MetricsOptions, parse_metrics_options
-from exporter.groups import parse_groups
+from exporter.app import create_app
+from exporter.collector import EMPTY_GROUPS_KEPT, ERROR_KINDS, ProcessCollector
+from exporter.config import MAX_TOP_N, MetricsOptions, from_mapping, parse_metrics_options
+from exporter.groups import GROUP_NAME_MAX, parse_groups
 from exporter.procs import UserNames, make_reader
 from procfleet.configcheck import Problems
 from procfleet.testing import NamedChildren, wait_for_comm, wait_until
@@ -53,12 +55,14 @@ def spawner(tmp_path: Path) -> Iterator[Spawner]:
 class Exporter:
     """A collector on a private registry, scraped through the text exposition."""
 
-    def __init__(self, groups_raw: object = None, reader: str = "procfs", **options) -> None:
+    def __init__(self, groups_raw: object = None, reader: str = "procfs",
+                 empty_groups_kept: int = EMPTY_GROUPS_KEPT, **options) -> None:
         problems = Problems()
         groups = parse_groups(groups_raw, problems)
         assert problems.items == []
         self.collector = ProcessCollector(make_reader(reader), groups, MetricsOptions(**options),
-                                          version="9.9.9-test", user_name=UserNames())
+                                          version="9.9.9-test", user_name=UserNames(),
+                                          empty_groups_kept=empty_groups_kept)
         self.registry = CollectorRegistry()
         self.registry.register(self.collector)
 
@@ -222,6 +226,32 @@ def test_drop_empty_groups(spawner: Spawner) -> None:
     assert not any(dict(labels).get("groupname") == group for _, labels in values)
 
 
+def test_empty_groups_kept_are_bounded_longest_empty_first(spawner: Spawner) -> None:
+    children = [spawner.spawn("emp") for _ in range(5)]
+    # One group per process: what a name carrying argv text or {{.PID}} makes of churn.
+    exporter = Exporter([{"comm": [spawner.comm("emp")], "name": "emp-{{.PID}}"}],
+                        empty_groups_kept=2)
+
+    def groups() -> set[str]:
+        return {dict(labels)["groupname"] for name, labels in exporter.scrape()
+                if name == G + "num_procs"}
+
+    assert groups() == {f"emp-{c.pid}" for c in children}
+    for child in children[:3]:
+        kill(child)
+        groups()
+    # The first to go empty is forgotten; the two latest empty ones and the live ones stay.
+    assert groups() == {f"emp-{c.pid}" for c in children[1:]}
+
+
+def test_group_names_are_cut(spawner: Spawner) -> None:
+    child = spawner.start("long", "/bin/sh", "-c", "read _", "a" * 1000, "b" * 1000, "c" * 1000)
+    values = Exporter([{"comm": [spawner.comm("long")], "cmdline": ["read _ (?P<args>.*)"],
+                        "name": "{{.Matches.args}}"}]).scrape()
+    (name,) = {dict(labels)["groupname"] for name, labels in values if name == G + "num_procs"}
+    assert name == ("a" * 1000 + " " + "b" * 1000)[:GROUP_NAME_MAX], child.pid
+
+
 # -- grouping ----------------------------------------------------------------------------
 
 def test_unmatched_children_join_their_parents_group(spawner: Spawner) -> None:
@@ -297,6 +327,30 @@ def test_top_n_by_memory_and_selected_groups(spawner: Spawner) -> None:
 
 def test_per_process_series_are_off_by_default() -> None:
     assert "procfleet_process_" not in Exporter().text()
+
+
+# -- group labels follow the masking config ----------------------------------------------
+
+@pytest.mark.parametrize(("masking", "label"), [
+    (None, "read _ # --password=*** pin=4321"),
+    ({"enabled": False}, "read _ # --password=S3cr3tK pin=4321"),
+    ({"extra_patterns": [r"pin=(?P<value>\d+)"]}, "read _ # --password=*** pin=***"),
+], ids=["default", "disabled", "extra-pattern"])
+def test_group_labels_follow_the_masking_config(spawner: Spawner, masking: object,
+                                                label: str) -> None:
+    spawner.spawn("lbl", "read _ # --password=S3cr3tK pin=4321")
+    raw: dict[str, object] = {"groups": [{"comm": [spawner.comm("lbl")],
+                                          "cmdline": ["-c (?P<script>.*)"],
+                                          "name": "{{.Matches.script}}"}]}
+    if masking is not None:
+        raw["masking"] = masking
+    # The whole app, as the exporter builds it: the collector gets the configured masker.
+    client = falcon.testing.TestClient(create_app(from_mapping(raw), reader=make_reader("procfs")))
+    got = client.simulate_get("/metrics")
+    assert got.status_code == 200
+    groups = {s.labels["groupname"] for f in text_string_to_metric_families(got.text)
+              for s in f.samples if s.name == G + "num_procs"}
+    assert groups == {label}
 
 
 # -- exposition quality ------------------------------------------------------------------

@@ -6,14 +6,26 @@ import os
 import pwd
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.groups import DEFAULT_GROUPS, GroupMatcher, name_process, parse_groups
+from exporter.collector import ProcessCollector
+from exporter.config import MetricsOptions, from_mapping
+from exporter.groups import (
+    CMDLINE_SPAN,
+    DEFAULT_GROUPS,
+    GroupMatcher,
+    name_process,
+    parse_groups,
+    regex_text,
+)
 from exporter.procs import ProcessError, UserNames, make_reader
-from procfleet.configcheck import Problems
+from procfleet.configcheck import ConfigError, Problems
 from procfleet.testing import NamedChildren
 
 SLEEP = "/bin/sleep"
@@ -75,6 +87,12 @@ def name_of(groups: tuple[GroupMatcher, ...], reader, pid: int) -> str | None:
      ["groups[1].cmdline[1]: invalid regex: missing ), unterminated subpattern"]),
     ({"process_names": [{"cmdline": ["*"]}]},
      ["groups.process_names[0].cmdline[0]: invalid regex: nothing to repeat"]),
+    # Patterns that can take exponential time on a command line any local user writes.
+    ([{"comm": ["a"]}, {"cmdline": ["ok", "(a+)+b"]}],
+     ["groups[1].cmdline[1]: nested quantifiers such as (a+)+"]),
+    ({"process_names": [{"cmdline": ["--x=(?:y|yy)+z"]}]},
+     ["groups.process_names[0].cmdline[0]: a repeated group of alternatives that may start"]),
+    ([{"cmdline": [r"(\w)\1"]}], ["groups[0].cmdline[0]: backreferences are not allowed"]),
     ([{"comm": 1}, {"comm": ["ok"]}, {"cmdline": ["["], "bogus": True}],
      ["groups[0].comm: must be a list of strings, got int",
       "groups[2].bogus: unknown key",
@@ -86,6 +104,13 @@ def test_problems_are_named_by_key_path(raw: object, expected: list[str]) -> Non
     assert len(problems.items) == len(expected), problems.items
     for got, want in zip(problems.items, expected, strict=True):
         assert got.startswith(want), got
+
+
+def test_a_hostile_cmdline_regex_is_a_config_error_naming_its_key() -> None:
+    raw = {"groups": [{"comm": ["sshd"]}, {"name": "x", "cmdline": [r"-jar\s+(\S+\s?)+$"]}]}
+    with pytest.raises(ConfigError) as caught:
+        from_mapping(raw)
+    assert "groups[1].cmdline[0]: nested quantifiers" in str(caught.value)
 
 
 def test_custom_path_prefixes_problems() -> None:
@@ -107,6 +132,13 @@ def test_go_style_named_groups_are_accepted() -> None:
     (matcher,) = groups_of([{"cmdline": [r"--port=(?<port>\d+)"], "name": "{{.Matches.port}}"}])
     assert matcher.cmdline is not None
     assert matcher.cmdline[0].groupindex == {"port": 1}
+
+
+def test_regexes_see_a_bounded_text_with_the_end_of_a_long_command_line() -> None:
+    argv = ["java", "-cp", "x" * 200_000, "-jar", "app.jar", *(["-Dk=v"] * 5000)]
+    text = regex_text(argv)
+    assert len(text) == CMDLINE_SPAN
+    assert text.startswith("java -cp xxx") and " -jar app.jar -Dk=v" in text
 
 
 # -- matching real processes -------------------------------------------------------------
@@ -208,3 +240,28 @@ def test_the_example_config_is_valid() -> None:
     assert len(config.groups) == 5
     assert config.groups[2].name == "java:{{.Matches.jar}}@{{.Username}}"
     assert config.metrics.per_process_top_n == 5
+
+
+# -- bounded cost on hostile command lines (issue 8, the masking item's risk in groups) ---
+
+def test_a_scrape_of_128_kib_arguments_with_an_ordinary_matcher_is_quick(
+        spawner: Spawner) -> None:
+    big = 128 * 1024 - 1
+    jar = f"{spawner.tag}-app.jar"
+    # Each "java " starts a search whose .* runs to the end of the text and back: over the
+    # whole 1 MiB that is ~200K x 1M steps (~1.5 min); over the bounded text, milliseconds.
+    spawner.spawn("hostile", *[("java " * big)[:big]] * 8)
+    # A long classpath before `-jar` does not hide the jar: each argument is cut, not the end.
+    legit = spawner.spawn("legit", "java", "-cp", "x" * big, "-jar", jar)
+    groups = groups_of([{"name": "jar:{{.Matches.jar}}",
+                         "cmdline": [r"java .*-jar\s+(?P<jar>\S+)"]}])
+    registry = CollectorRegistry()
+    registry.register(ProcessCollector(make_reader("procfs"), groups, MetricsOptions(),
+                                       version="test", user_name=UserNames()))
+    started = time.perf_counter()
+    text = generate_latest(registry).decode()
+    # Generous: the point is minutes before the bound; the scrape bench measures speed.
+    assert time.perf_counter() - started < 10.0
+    procs = {s.labels["groupname"]: s.value for f in text_string_to_metric_families(text)
+             for s in f.samples if s.name == "namedprocess_namegroup_num_procs"}
+    assert procs.get(f"jar:{jar}") == 1, (legit.pid, procs)

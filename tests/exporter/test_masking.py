@@ -15,8 +15,8 @@ from exporter.lookup import ProcessLookup
 from exporter.masking import (
     CACHE_MAX_BYTES,
     MASK,
-    SHELL_WORD_BUDGET,
     USER_PATTERN_SPAN,
+    WORK_BUDGET,
     MaskCache,
     Masker,
     check_pattern,
@@ -166,7 +166,12 @@ BIG = 128 * 1024 - 1  # MAX_ARG_STRLEN is 128 KiB with the terminating NUL
     ("a " * BIG)[:BIG - 20] + " password=x mysql -pX",
     ("https://" * BIG)[:BIG],
     ('{"password":"' + "x" * BIG)[:BIG],
-], ids=["word", "secret-words", "many-keys", "dashes", "shell-words", "urls", "open-quote"])
+    ("pw:a\n" * BIG)[:BIG],
+    ('"pw":"a",' * BIG)[:BIG],
+    ("://'mysql " * BIG)[:BIG],
+    ("-pw=a\n" * BIG)[:BIG],
+], ids=["word", "secret-words", "many-keys", "dashes", "shell-words", "urls", "open-quote",
+        "key-lines", "json-keys", "quoted-programs", "flag-lines"])
 def test_a_long_argument_is_masked_in_bounded_time(arg):
     started = time.perf_counter()
     Masker.build()(["app", arg])
@@ -176,10 +181,31 @@ def test_a_long_argument_is_masked_in_bounded_time(arg):
 
 
 def test_a_long_shell_string_fails_closed_past_its_word_budget():
-    script = "echo x; " * (SHELL_WORD_BUDGET // 2) + "mysql -pS3cr3tA db"
+    script = "echo x; " * (WORK_BUDGET // 2) + "mysql -pS3cr3tA db"
     out = Masker.build()(["bash", "-c", script])[2]
     assert "S3cr3tA" not in out
     assert out.startswith("echo x; echo x;") and out.endswith(MASK)
+
+
+def test_keys_past_the_work_budget_are_masked_from_the_first_one_on():
+    arg = "x&" + "&".join(f"pw_{i}=S3cr3t{i}" for i in range(2 * WORK_BUDGET))
+    out = Masker.build()(["app", arg])[1]
+    assert "S3cr3t" not in out
+    # The keys within the budget are masked one by one, as any argument's are; past it, the
+    # rest from the next credential word on is one ***. (Two units went to the arguments.)
+    kept = WORK_BUDGET - 2
+    assert out == "x&" + "".join(f"pw_{i}=***&" for i in range(kept)) + MASK
+
+
+def test_arguments_past_the_work_budget_fail_closed():
+    argv = ["app", *(["--pw", "S3cr3t", "plain"] * WORK_BUDGET)]
+    out = Masker.build()(argv)
+    assert "S3cr3t" not in out
+    assert out[-3:] == [MASK, MASK, "plain"]  # the flag, its value, and a harmless word
+    with_program = Masker.build()(["sudo", *(["plain"] * (2 * WORK_BUDGET)), "mysql",
+                                   "-pS3cr3t"])
+    assert "-pS3cr3t" not in with_program
+    assert with_program[-1] == MASK and with_program[1] == "plain"
 
 
 # -- user patterns ---------------------------------------------------------------------------
@@ -188,6 +214,8 @@ def test_a_long_shell_string_fails_closed_past_its_word_budget():
     (r"(?P<value>(a+)+)b", "nested quantifiers"),
     (r"(?P<value>(?:\w+\s?)*)=", "nested quantifiers"),
     (r"(?P<q>['\"])(?P<value>.*)(?P=q)", "backreferences"),
+    (r"key=(?P<value>(?:x|xx)+)y", "alternatives that may start alike"),
+    (r"key=(?P<value>(?:x?x)+)y", "nested quantifiers"),
 ])
 def test_backtracking_user_patterns_are_refused(pattern, problem):
     assert problem in (check_pattern(pattern) or "")
