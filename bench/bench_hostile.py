@@ -5,7 +5,9 @@
 
 `--code DIR` runs the query service from another checkout's sources (PYTHONPATH=DIR), e.g. a
 `git archive` of the commit before a change, for a before/after in the same run. Results go to
-bench/results/hostile.json. Medians of `--runs` runs; every load is bounded in time and count.
+bench/results/hostile.json. Medians of `--runs` runs, the versions taking turns run by run;
+each run notes the 1-minute load average when it started. Every load is bounded in time and
+count.
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--code", help="run the query service from these sources as well")
+    parser.add_argument("--skip-biglist", action="store_true",
+                        help="only the hung-exporter runs (no 16 MiB list answer)")
     options = parser.parse_args()
     exporter_port = free_port()
     exporter = subprocess.Popen([str(BIN / "procfleet-exporter"), "--listen",
@@ -124,14 +128,25 @@ def main() -> None:
     try:
         wait_ready(f"http://127.0.0.1:{exporter_port}/healthz", exporter)
         versions = {"this": None, **({"other": options.code} if options.code else {})}
+        runs: dict[str, list[dict]] = {name: [] for name in versions}
         with HostileExporter(lifetime=3600) as hostile:
-            for name, code in versions.items():
-                runs = [hung_run(hostile, f"http://127.0.0.1:{exporter_port}", exporter.pid,
-                                 code, options.seconds) for _ in range(options.runs)]
-                bigs = [biglist_run(hostile, code) for _ in range(options.runs)]
-                results[name] = {key: median([r[key] for r in runs]) for key in runs[0]}
-                results[name].update({key: median([r[key] for r in bigs]) for key in bigs[0]})
-                print(name, json.dumps(results[name]), flush=True)
+            # Versions take turns run by run: on a shared machine the load drifts over
+            # minutes, and a same-run comparison should see the same drift on both sides.
+            for _ in range(options.runs):
+                for name, code in versions.items():
+                    loadavg = os.getloadavg()[0]
+                    run = hung_run(hostile, f"http://127.0.0.1:{exporter_port}", exporter.pid,
+                                   code, options.seconds)
+                    if not options.skip_biglist:
+                        run.update(biglist_run(hostile, code))
+                    run["loadavg"] = loadavg
+                    runs[name].append(run)
+                    print(name, json.dumps({k: round(v, 1) for k, v in run.items()}),
+                          flush=True)
+        for name, done in runs.items():
+            results[name] = {key: median([r[key] for r in done]) for key in done[0]}
+            print("median", name, json.dumps({k: round(v, 1)
+                                              for k, v in results[name].items()}), flush=True)
     finally:
         stop(exporter)
     save("hostile", {"runs": options.runs, "results": results,

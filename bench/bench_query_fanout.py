@@ -29,7 +29,6 @@ import os
 import platform
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -151,13 +150,24 @@ def start_helpers(total: int, delay: float = DELAY) -> tuple[list[subprocess.Pop
 
 def start_query(ports: list[int], workdir: Path, python: str = sys.executable,
                 h11: bool = False) -> tuple[subprocess.Popen, int, Path]:
+    """Start the query service on a free port; tried again on another when a neighbour on
+    this shared machine took the port first (our service then exits: cannot listen)."""
     config = workdir / f"query-{len(ports)}.yml"
     lines = ["auth: {enabled: false}", "exporters:"]
     lines += [f"  - {{hostname: sim-{i:05d}, url: \"http://127.0.0.1:{port}\"}}"
               for i, port in enumerate(ports)]
     config.write_text("\n".join(lines) + "\n")
+    for _ in range(5):
+        started = _start_query_once(config, workdir, python, h11, len(ports))
+        if started is not None:
+            return started
+    raise RuntimeError("query service did not start on any of 5 free ports")
+
+
+def _start_query_once(config: Path, workdir: Path, python: str, h11: bool, size: int
+                      ) -> tuple[subprocess.Popen, int, Path] | None:
     port = free_port()
-    log_path = workdir / f"query-{len(ports)}.log"
+    log_path = workdir / f"query-{size}.log"
     entry = ["-c", H11_LAUNCHER] if h11 else ["-m", "query"]
     with open(log_path, "wb") as log:
         # cwd: the interpreter's own installed checkout is run, not the one we are in.
@@ -167,12 +177,24 @@ def start_query(ports: list[int], workdir: Path, python: str = sys.executable,
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            if b"cannot listen" in log_path.read_bytes():
+                return None
             raise RuntimeError(f"query service exited: {log_path.read_text()[-2000:]}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return process, port, log_path
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                connection.request("GET", "/healthz")
+                body = connection.getresponse().read()
+            finally:
+                connection.close()
         except OSError:
             time.sleep(0.05)
+            continue
+        if b'"exporters": %d' % size in body and process.poll() is None:
+            return process, port, log_path
+        stop(process)  # someone else answers on this port
+        return None
+    stop(process)
     raise RuntimeError("query service not ready in 30 s")
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import atexit
 import logging
 import random
+import threading
 import time
-import uuid
 from typing import Any
 
 import falcon
@@ -29,6 +29,7 @@ from procfleet.timefmt import rfc3339
 from procfleet.web import (
     App,
     QueryParamRule,
+    error_body,
     install_error_handling,
     list_filters_or_400,
     pid_or_400,
@@ -85,10 +86,15 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
 
 
 class RequestLog:
-    """Gives each request its job id (also `X-Request-Id`), then logs and times it."""
+    """Gives each request its job id (also `X-Request-Id`), then logs and times it.
 
-    def __init__(self, metrics: Metrics) -> None:
+    Every request is logged in full except fast-fail answers (see `FastFailLog`), which a
+    flood of clients on one broken exporter can ask for by the thousand a second.
+    """
+
+    def __init__(self, metrics: Metrics, fast_fails: FastFailLog | None = None) -> None:
         self.metrics = metrics
+        self.fast_fails = fast_fails or FastFailLog()
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
@@ -100,16 +106,81 @@ class RequestLog:
                          req_succeeded: bool) -> None:
         seconds = time.perf_counter() - req.context.started
         code = resp.status_code
-        route = req.uri_template or "unmatched"
-        self.metrics.observe_request(route, code, seconds)
+        self.metrics.observe_request(req.uri_template or "unmatched", code, seconds)
+        context = req.context
+        rejected = context.get("rejected")
+        if rejected is not None:
+            if self.fast_fails.absorb(rejected):
+                return
+        elif self.fast_fails.due():
+            self.fast_fails.flush()
         fields = {"method": req.method, "path": req.path[:300], "status": code,
-                  "duration_ms": f"{seconds * 1000:.1f}", "job_id": req.context.job_id}
-        if req.context.api_key:
-            fields["key"] = req.context.api_key
-        summary = getattr(req.context, "summary", None)
+                  "duration_ms": f"{seconds * 1000:.1f}", "job_id": context.job_id}
+        if context.api_key:
+            fields["key"] = context.api_key
+        summary = context.get("summary")
         if summary:
             fields.update(summary)
         log.info("request", extra={"fields": fields})
+
+
+class FastFailLog:
+    """Logs fast-fail answers (no exporter asked: circuits open, bulkheads full) in summary.
+
+    Such an answer costs the service next to nothing, and a line per answer would cost more
+    than the answer (and flood the log). So per `interval` the first is logged in full, like
+    any request, and the others are counted: one line, written with the next request after
+    the interval, says how many and on which exporters:
+
+        msg="requests failed fast" count=2113 seconds=1.0 exporters="hung=2113"
+
+    With log_level debug every one is logged in full. Thread-safe; bounded: at most
+    `MAX_NAMED` exporters are named, the rest are counted as `others`.
+    """
+
+    MAX_NAMED = 16
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._until = 0.0  # monotonic end of the current interval
+        self._since = 0.0
+        self._count = 0
+        self._exporters: dict[str, int] = {}
+
+    def absorb(self, exporters: tuple[str, ...]) -> bool:
+        """Count one fast-fail answer; False when it is to be logged in full after all."""
+        if log.isEnabledFor(logging.DEBUG):
+            return False
+        now = time.monotonic()
+        with self._lock:
+            if now < self._until:
+                self._count += 1
+                named = self._exporters
+                for name in exporters:
+                    if name in named or len(named) < self.MAX_NAMED:
+                        named[name] = named.get(name, 0) + 1
+                    else:
+                        named["others"] = named.get("others", 0) + 1
+                return True
+            self._until = now + self.interval
+        self.flush()
+        return False
+
+    def due(self) -> bool:
+        """True when counted answers wait for their summary line (cheap, unlocked)."""
+        return self._count > 0 and time.monotonic() >= self._until
+
+    def flush(self) -> None:
+        """Write the summary of the answers counted so far, if any."""
+        now = time.monotonic()
+        with self._lock:
+            count, exporters, since = self._count, self._exporters, self._since
+            self._count, self._exporters, self._since = 0, {}, now
+        if count:
+            log.info("requests failed fast", extra={"fields": {
+                "count": count, "seconds": f"{now - since:.1f}",
+                "exporters": ",".join(f"{name}={n}" for name, n in exporters.items())}})
 
 
 def _target_or_400(text: str) -> Target:
@@ -120,12 +191,22 @@ def _target_or_400(text: str) -> Target:
 
 
 def _respond(req: falcon.Request, resp: falcon.Response, answer: Answer, field: str) -> None:
+    results = answer.results
     req.context.summary = {
-        "exporters": len(answer.results),
-        "failed": sum(1 for r in answer.results if r.status == "failed"),
+        "exporters": len(results),
+        "failed": sum(1 for r in results if r.status == "failed"),
     }
     if answer.code != 200:
-        raise falcon.HTTPError(answer.code, title=answer.error, description=answer.details)
+        if results and all(r.kind == "rejected" for r in results):
+            req.context.rejected = tuple(r.hostname for r in results)
+        # What raising falcon.HTTPError would write (procfleet.web.serialize_error), without
+        # the exception's trip through falcon's handler look-up: a fast-fail answer is
+        # mostly this.
+        resp.status = answer.code
+        resp.content_type = falcon.MEDIA_JSON
+        resp.media = error_body(answer.code, answer.error or "exporter failed",
+                                answer.details or answer.error or "exporter failed")
+        return
     resp.media = {"job_id": req.context.job_id,
                   "results": [r.to_json(field) for r in answer.results]}
 
@@ -165,8 +246,19 @@ def _maybe_rfc3339(timestamp: float | None) -> str | None:
 
 
 def new_job_id() -> str:
-    """A fresh version-4 UUID. Not secret, so from `random`: uuid4() costs a urandom call."""
-    return str(uuid.UUID(int=random.getrandbits(128), version=4))
+    """A fresh version-4 UUID. Not secret, so from `random`: uuid4() costs a urandom call.
+
+    The version and variant bits are set by hand: uuid.UUID(...) and its str() cost more
+    than the rest of a fast-fail answer's bookkeeping.
+    """
+    bits = random.getrandbits(128) & _UUID_CLEAR | _UUID_V4
+    text = f"{bits:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+# Version 4 (bits 76-79 = 0100) and the RFC 4122 variant (bits 62-63 = 10).
+_UUID_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+_UUID_V4 = (0x4 << 76) | (0x2 << 62)
 
 
 class NodesResource:

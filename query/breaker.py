@@ -44,8 +44,9 @@ class _State:
     waiting: int = 0
     failures: int = 0  # consecutive connection failures
     open_until: float = 0.0  # monotonic; 0 when closed
-    opened_at: float = 0.0  # wall clock, for the error text
-    opened_by: str = ""
+    # "circuit open after timeout at 10:30:00Z", made once when it opens: while open, every
+    # request on the exporter is refused with it, thousands a second under a flood.
+    opened: str = ""
     probing: bool = False
 
     def idle(self) -> bool:
@@ -177,15 +178,13 @@ class Guards:
 
     def _open(self, state: _State, reason: str) -> None:
         state.open_until = time.monotonic() + self.cooldown
-        state.opened_at = time.time()
-        state.opened_by = reason
+        state.opened = f"circuit open after {reason} at {rfc3339(time.time())}"
 
     def _refusal(self, state: _State, now: float) -> str | None:
         if not state.open_until:
             return None
-        opened = f"circuit open after {state.opened_by} at {rfc3339(state.opened_at)}"
         if now < state.open_until:
-            return f"{opened}; retrying in {state.open_until - now:.1f} s"
+            return f"{state.opened}; retrying in {state.open_until - now:.1f} s"
         if state.probing:
-            return f"{opened}; a probe call is under way"
+            return f"{state.opened}; a probe call is under way"
         return None

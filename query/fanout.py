@@ -71,6 +71,9 @@ MAX_JSON_DEPTH = 32
 # JSON values one listed process may bring: its 9 fields and itself, plus room to grow. What
 # decoding costs is bounded by values (each at most ~70 bytes as Python objects), not bytes.
 VALUES_PER_PROCESS = 12
+# Request heads kept for reuse (exporter URL, token, path): more than one per exporter of the
+# largest fleet; past it they are all dropped and made again.
+MAX_KEPT_REQUESTS = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +223,17 @@ class _Job:
             self.task.cancel()
 
 
+class _LoopFlight:
+    """One call in flight on the loop, and how many broadcasts wait on it (each entered the
+    exporter's bulkhead once, and leaves it when the call ends or its deadline passes)."""
+
+    __slots__ = ("task", "sharers")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Result]
+        self.sharers = 0
+
+
 class _Flight:
     """One call in flight from a request thread, which others asking the same may wait for."""
 
@@ -260,7 +274,7 @@ class Fanout:
                                          daemon=True)
         self._thread.start()
         self._closed = False
-        self._origins: dict[str, httpclient.Origin] = {}
+        self._requests: dict[tuple[str, str | None, str], tuple[httpclient.Origin, bytes]] = {}
         self._inbox: list[_Job] = []
         self._inbox_lock = threading.Lock()
         self._wake_pending = False
@@ -278,7 +292,7 @@ class Fanout:
         # holds only calls under way, so they are bounded by the threads and `_slots`.
         self._flights: dict[FlightKey, _Flight] = {}
         self._flights_lock = threading.Lock()
-        self._loop_flights: dict[FlightKey, asyncio.Task[Result]] = {}
+        self._loop_flights: dict[FlightKey, _LoopFlight] = {}
         asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout=10)
 
     @classmethod
@@ -306,7 +320,7 @@ class Fanout:
             self._loop.close()
 
     async def _close_client(self) -> None:
-        flights = list(self._loop_flights.values())
+        flights = [flight.task for flight in self._loop_flights.values()]
         for task in flights:
             task.cancel()
         await asyncio.gather(*flights, return_exceptions=True)
@@ -468,85 +482,108 @@ class Fanout:
     # -- inside the loop -----------------------------------------------------------------
 
     async def _all(self, exporters: Sequence[Exporter], call: Call) -> list[Result]:
-        tasks = [asyncio.create_task(self._ask(e, call)) for e in exporters]
-        if not tasks:
-            return []
-        _, pending = await asyncio.wait(tasks, timeout=self.request_timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        late = self._deadline_result
-        return [late(e) if t in pending or t.cancelled() else t.result()
-                for e, t in zip(exporters, tasks, strict=True)]
+        """Ask every exporter on the loop (or share a call under way); one result each.
+
+        One task per exporter call and nothing else per exporter: no task per asker, no
+        shield. The request deadline does not cancel the calls: one shared with another
+        request goes on, bounded by the exporter timeout.
+        """
+        results: list[Result | None] = [None] * len(exporters)
+        asked: list[tuple[int, _LoopFlight]] = []
+        flights = self._loop_flights
+        guards = self.guards
+        try:
+            for index, exporter in enumerate(exporters):
+                name = exporter.hostname
+                if exporter.maintenance:
+                    results[index] = Result(name, "maintenance", MAINTENANCE_ERROR)
+                    continue
+                refused = guards.enter(name, block=False)
+                if refused is not None:
+                    results[index] = Result(name, "rejected", refused)
+                    continue
+                key = _flight_key(exporter, call)
+                flight = flights.get(key)
+                if flight is None:
+                    flight = flights[key] = _LoopFlight()
+                    flight.task = asyncio.create_task(self._call(exporter, call, key, flight))
+                flight.sharers += 1  # left by the call when it ends, or below at the deadline
+                asked.append((index, flight))
+            if asked:
+                await asyncio.wait([flight.task for _, flight in asked],
+                                   timeout=self.request_timeout)
+        finally:
+            for index, flight in asked:
+                task = flight.task
+                if not task.done():
+                    if flight.sharers > 0:  # this request no longer waits on the exporter
+                        flight.sharers -= 1
+                        guards.leave(exporters[index].hostname)
+                    results[index] = self._deadline_result(exporters[index])
+                elif task.cancelled():
+                    results[index] = self._deadline_result(exporters[index])
+                else:
+                    results[index] = task.result()
+        return results  # type: ignore[return-value]  # every index was filled above
 
     def _deadline_result(self, exporter: Exporter) -> Result:
         return Result(exporter.hostname, "timeout",
                       f"timeout after {self.request_timeout:.1f} s (request deadline)")
 
-    async def _ask(self, exporter: Exporter, call: Call) -> Result:
-        """Ask one exporter on the loop, or share a call under way; never raises (but may be
-        cancelled by the request deadline, which leaves the shared call running)."""
+    async def _call(self, exporter: Exporter, call: Call, key: FlightKey,
+                    flight: _LoopFlight) -> Result:
+        """The one real call behind a broadcast's exporter, bounded by the exporter timeout
+        once it has a slot, and told to the circuit breaker; then its askers leave."""
         name = exporter.hostname
-        if exporter.maintenance:
-            return Result(name, "maintenance", MAINTENANCE_ERROR)
-        refused = self.guards.enter(name, block=False)
-        if refused is not None:
-            return Result(name, "rejected", refused)
         try:
-            key = _flight_key(exporter, call)
-            task = self._loop_flights.get(key)
-            if task is None:
-                task = asyncio.create_task(self._call(exporter, call))
-                self._loop_flights[key] = task
-                task.add_done_callback(lambda done: self._landed(key, done))
-            return await asyncio.shield(task)
+            refused = self.guards.start_call(name)
+            if refused is not None:
+                return Result(name, "rejected", refused)
+            liveness: Outcome = "inconclusive"
+            try:
+                async with self._slots:
+                    try:
+                        origin, request = self._request(exporter, call)
+                        async with asyncio.timeout(self.exporter_timeout):
+                            outcome: httpclient.Response | Exception = \
+                                await self._client.get(origin, request, call.body_cap,
+                                                       fresh=call.method != "GET")
+                    except TimeoutError:
+                        liveness = "timeout"
+                        return Result(name, "timeout", self._timeout_error)
+                    except (httpclient.HTTPError, ValueError) as exc:
+                        outcome = exc
+                    result = classify(name, call, outcome)
+                    liveness = _liveness(result)
+                    return result
+            finally:
+                self.guards.finish_call(name, liveness)
         finally:
-            self.guards.leave(name)
-
-    def _landed(self, key: FlightKey, task: asyncio.Task[Result]) -> None:
-        if self._loop_flights.get(key) is task:
-            del self._loop_flights[key]
-
-    async def _call(self, exporter: Exporter, call: Call) -> Result:
-        """The one real call behind `_ask`, bounded by the exporter timeout once it has a
-        slot, and told to the circuit breaker."""
-        name = exporter.hostname
-        refused = self.guards.start_call(name)
-        if refused is not None:
-            return Result(name, "rejected", refused)
-        liveness: Outcome = "inconclusive"
-        try:
-            async with self._slots:
-                try:
-                    origin, request = self._request(exporter, call)
-                    async with asyncio.timeout(self.exporter_timeout):
-                        outcome: httpclient.Response | Exception = await self._client.get(
-                            origin, request, call.body_cap, fresh=call.method != "GET")
-                except TimeoutError:
-                    liveness = "timeout"
-                    return Result(name, "timeout", self._timeout_error)
-                except (httpclient.HTTPError, ValueError) as exc:
-                    outcome = exc
-                result = classify(name, call, outcome)
-                liveness = _liveness(result)
-                return result
-        finally:
-            self.guards.finish_call(name, liveness)
+            if self._loop_flights.get(key) is flight:
+                del self._loop_flights[key]
+            for _ in range(flight.sharers):
+                self.guards.leave(name)
+            flight.sharers = 0
 
     def _request(self, exporter: Exporter, call: Call) -> tuple[httpclient.Origin, bytes]:
         """Where to send the call and its request head (ValueError for an unusable URL)."""
-        # Parsing each exporter's URL once saves a parse per call.
-        origin = self._origins.get(exporter.url)
-        if origin is None:
-            if len(self._origins) > 100_000:
-                self._origins.clear()
-            origin = self._origins[exporter.url] = httpclient.Origin.parse(exporter.url)
-        headers = self._headers
-        if exporter.token:
-            headers = {**headers, "Authorization": f"Bearer {exporter.token}"}
-        return origin, httpclient.request_bytes(origin, call.target, headers,
-                                                method=call.method, body=call.body)
+        # Kept per exporter and request: a broadcast to 10,000 exporters would otherwise
+        # parse 10,000 URLs and build 10,000 heads that are the same as last time.
+        key = (exporter.url, exporter.token, call.target)
+        made = self._requests.get(key) if call.method == "GET" else None
+        if made is None:
+            origin = httpclient.Origin.parse(exporter.url)
+            headers = self._headers
+            if exporter.token:
+                headers = {**headers, "Authorization": f"Bearer {exporter.token}"}
+            made = origin, httpclient.request_bytes(origin, call.target, headers,
+                                                    method=call.method, body=call.body)
+            if call.method != "GET":  # an action's head carries its own body: never kept
+                return made
+            if len(self._requests) >= MAX_KEPT_REQUESTS:
+                self._requests.clear()
+            self._requests[key] = made
+        return made
 
 
 def classify(hostname: str, call: Call, outcome: httpclient.Response | Exception) -> Result:

@@ -32,7 +32,8 @@ DETAILS_LIMIT = 20
 
 @dataclass(frozen=True)
 class Answer:
-    """A decided answer: 200 with results, or an error code with error and details."""
+    """A decided answer: 200 with results, or an error code with error and details (and the
+    results it was decided from, which the body does not show but the log counts)."""
 
     code: int
     results: tuple[Result, ...] = ()
@@ -75,7 +76,11 @@ class Lookup:
         if fleet is not self._fleet:  # exporters left: their breaker state goes with them
             self._fleet = fleet
             self.fanout.retain(fleet.by_hostname)
-        exporters = resolve(target, fleet.exporters)
+        if target.kind == "hostname" and target.hostname is not None:  # a dict look-up
+            named = fleet.by_hostname.get(target.hostname)
+            exporters = [named] if named is not None else []
+        else:
+            exporters = resolve(target, fleet.exporters)
         if not exporters:
             return Answer(404, error="target not found",
                           details=f"no exporter matches target {str(target)!r}")
@@ -109,7 +114,8 @@ def decide(target: Target, results: Sequence[Result], what: str = "the lookup") 
     if target.unicast:
         answer = results[-1] if results and not results[-1].failure else None
         if answer is None:
-            return Answer(500, error="exporter failed", details=_failures(results))
+            return Answer(500, tuple(results), error="exporter failed",
+                          details=_failures(results))
         if answer.kind == "not_found":
             return Answer(404, error=NOT_FOUND_ERROR,
                           details=f"exporter {answer.hostname} has no process with {what}")
@@ -120,7 +126,7 @@ def decide(target: Target, results: Sequence[Result], what: str = "the lookup") 
     if any(r.valid for r in ordered) or all(r.kind == "maintenance" for r in ordered):
         return Answer(200, ordered)
     failed = [r for r in ordered if r.failure]
-    return Answer(500, error="no exporter answered",
+    return Answer(500, ordered, error="no exporter answered",
                   details=f"none of the {len(ordered)} targeted exporters gave a valid answer: "
                   + _failures(failed))
 

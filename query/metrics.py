@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram
@@ -23,6 +24,10 @@ from query.fleet import SourceStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Label children kept at hand, so a request does not pay labels() (a lock, a tuple, a dict
+# look-up, a str of the code) per series it touches. Routes x codes are a few dozen; exporter
+# x kind is as large as the fleet, and past the bound children are looked up as before.
+MAX_CACHED_CHILDREN = 4096
 
 
 class Metrics:
@@ -49,14 +54,34 @@ class Metrics:
             "(timeout, unreachable, bad_status, bad_body, rejected: not asked because "
             "its circuit was open or too many requests already waited on it).",
             ["exporter", "kind"], registry=self.registry)
+        self._durations: dict[tuple[str, int], Any] = {}
+        self._failures: dict[tuple[str, str], Any] = {}
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
-        self.request_duration.labels(route, str(code)).observe(seconds)
+        child = self._durations.get((route, code))
+        if child is None:
+            child = self.request_duration.labels(route, str(code))
+            if len(self._durations) < MAX_CACHED_CHILDREN:
+                self._durations[(route, code)] = child
+        child.observe(seconds)
 
     def exporter_results(self, results: Sequence[Result]) -> None:
+        if len(results) == 1:  # a unicast: no need to group
+            result = results[0]
+            if result.failure:
+                self._failure(result.hostname, result.kind).inc()
+            return
         failures = Counter((r.hostname, r.kind) for r in results if r.failure)
         for (exporter, kind), n in failures.items():
-            self.exporter_failures.labels(exporter, kind).inc(n)
+            self._failure(exporter, kind).inc(n)
+
+    def _failure(self, exporter: str, kind: str) -> Any:
+        child = self._failures.get((exporter, kind))
+        if child is None:
+            child = self.exporter_failures.labels(exporter, kind)
+            if len(self._failures) < MAX_CACHED_CHILDREN:
+                self._failures[(exporter, kind)] = child
+        return child
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
