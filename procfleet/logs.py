@@ -54,19 +54,25 @@ def _escape_char(match: re.Match[str]) -> str:
         char, f"\\x{ord(char):02x}")
 
 
+MAX_QUEUED_LINES = 10_000
+
+
 class BackgroundWriter(logging.Handler):
     """Formats in the caller, writes from one thread: request threads never wait on stderr.
 
     Under load a plain StreamHandler makes every request thread queue on one lock while
     another writes its line, a system call each. Here a line is a queue put, and the writer
     thread sends whatever has queued up in one write. `close()` (run by logging at exit)
-    writes what is left.
+    writes what is left. At most `max_lines` wait: when stderr is slower than the lines come
+    (a blocked pipe, a stalled journald), later lines are dropped and counted, and the count
+    is written as a line of its own once the writer catches up, so memory stays bounded.
     """
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, max_lines: int = MAX_QUEUED_LINES) -> None:
         super().__init__()
         self._stream = stream
-        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._lines: queue.Queue[str | None] = queue.Queue(maxsize=max_lines)
+        self.dropped = 0
         self._thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -75,7 +81,9 @@ class BackgroundWriter(logging.Handler):
         if not self.filter(record):
             return False
         try:
-            self._lines.put(self.format(record))
+            self._lines.put_nowait(self.format(record))
+        except queue.Full:
+            self.dropped += 1  # not exact under races between threads; a count to report
         except Exception:
             self.handleError(record)
         return True
@@ -93,6 +101,10 @@ class BackgroundWriter(logging.Handler):
                     line = self._lines.get_nowait()
                 except queue.Empty:
                     break
+            if self.dropped:
+                dropped, self.dropped = self.dropped, 0
+                batch.append(f'level=warning logger={__name__} msg="log writer fell behind; '
+                             f'dropped {dropped} lines"')
             if batch:
                 try:
                     self._stream.write("\n".join(batch) + "\n")
@@ -104,7 +116,10 @@ class BackgroundWriter(logging.Handler):
 
     def close(self) -> None:
         if self._thread.is_alive():
-            self._lines.put(None)
+            try:
+                self._lines.put(None, timeout=5)
+            except queue.Full:
+                pass  # the writer is stuck on its stream; do not hang the exit on it
             self._thread.join(timeout=5)
         super().close()
 
