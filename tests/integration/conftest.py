@@ -27,14 +27,11 @@ from integration_testing import (
     PrometheusAPI,
     QueryService,
     keygen,
-    process_visible,
-    running,
     spawn_child,
-    stop,
     wait_until,
 )
 
-from procfleet.testing import free_port
+from procfleet.testing import free_port, running, terminate
 
 
 @pytest.fixture(scope="session")
@@ -52,16 +49,11 @@ def tagged_children(groups: Groups) -> Iterator[dict[str, list[subprocess.Popen[
         for _ in range(IDLE_CHILDREN):
             spawned["idle"].append(spawn_child(groups.idle))
         spawned["busy"].append(spawn_child(groups.busy, busy=True))
-        for kind, children in spawned.items():
-            tag = getattr(groups, kind)
-            for child in children:
-                wait_until(lambda c=child, t=tag: process_visible(c.pid, t), timeout=10,
-                           what=f"child {child.pid} to show {tag} in /proc")
         yield spawned
     finally:
         for children in spawned.values():
             for child in children:
-                stop(child, grace=5)
+                terminate(child, grace=5)
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +128,7 @@ def query_service(tmp_path_factory: pytest.TempPathFactory, exporters: list[Expo
 
 
 def prometheus_config(exporters: list[Exporter], query: QueryService, token_file: Path,
-                      sd_file: Path) -> dict:
+                      sd_file: Path, query_key_file: Path) -> dict:
     """config/prometheus.yml made fit for the test: 1 s scrapes, the token lines switched on,
     the static example targets replaced by the test's, the file_sd glob pointed at `sd_file`."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
@@ -151,6 +143,9 @@ def prometheus_config(exporters: list[Exporter], query: QueryService, token_file
         {"targets": [e.instance], "labels": {"hostname": e.hostname}} for e in exporters]))
     query_job = jobs["procfleet-query"]
     query_job["static_configs"] = [{"targets": [query.instance]}]
+    # The query service's /metrics needs a node:read key (auth.protect_metrics defaults on):
+    # the commented authorization lines of the job, switched on.
+    query_job["authorization"] = {"type": "Bearer", "credentials_file": str(query_key_file)}
     assert set(jobs) == {"procfleet", "procfleet-query"}, "a new job in prometheus.yml?"
     return config
 
@@ -164,10 +159,13 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, exporters: list[Exporte
     token_file = tmp / "procfleet.token"
     token_file.write_text(exporter_token + "\n")
     token_file.chmod(0o600)
+    query_key_file = tmp / "procfleet-query.key"
+    query_key_file.write_text(query_service.node_key + "\n")
+    query_key_file.chmod(0o600)
     config_file = tmp / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(
         prometheus_config(exporters, query_service, token_file,
-                          tmp / "targets-procfleet.yml")))
+                          tmp / "targets-procfleet.yml", query_key_file)))
     port = free_port()
     argv = [PROMETHEUS, f"--config.file={config_file}", f"--storage.tsdb.path={tmp / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",

@@ -22,14 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from reliability_testing import (
-    EXPORTER,
-    QUERY,
-    assert_error_body,
-    query_config,
-    start_exporter,
-    start_query,
-)
+from reliability_testing import assert_error_body, query_config
 
 from procfleet.floods import (
     Trickle,
@@ -40,7 +33,7 @@ from procfleet.floods import (
     raise_open_files,
     socket_fd_numbers,
 )
-from procfleet.testing import Server, wait_until
+from procfleet.testing import EXPORTER, QUERY, Server, start_exporter, start_query, wait_until
 
 IDLE = 1100  # connections: with the services' other files, fd numbers pass 1023
 
