@@ -17,14 +17,18 @@ import pytest
 WEB_PACKAGES = ("falcon", "waitress", "prometheus_client")
 
 
-def loaded_by(module: str) -> set[str]:
-    """Top-level packages among WEB_PACKAGES that `import module` loads."""
-    code = (f"import json, sys\nimport {module}\n"
-            "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))")
+def modules_after_import(module: str) -> set[str]:
+    """sys.modules of a fresh interpreter once it has run `import module`."""
+    code = f"import json, sys\nimport {module}\nprint(json.dumps(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
-    return set(json.loads(done.stdout)) & set(WEB_PACKAGES)
+    return set(json.loads(done.stdout))
+
+
+def loaded_by(module: str) -> set[str]:
+    """Top-level packages among WEB_PACKAGES that `import module` loads."""
+    return {name.split(".")[0] for name in modules_after_import(module)} & set(WEB_PACKAGES)
 
 
 @pytest.mark.parametrize("module", [
@@ -60,13 +64,8 @@ def runtime_modules() -> list[str]:
 
 
 def helpers_loaded_by(module: str) -> set[str]:
-    """The test-only modules that `import module` loads (in a fresh interpreter)."""
-    code = (f"import json, sys\nimport {module}\n"
-            "print(json.dumps(sorted(sys.modules)))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    return set(json.loads(done.stdout)) & TEST_ONLY
+    """The test-only modules that `import module` loads."""
+    return modules_after_import(module) & TEST_ONLY
 
 
 def test_every_runtime_module_is_checked() -> None:

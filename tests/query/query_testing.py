@@ -26,7 +26,8 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +168,33 @@ def fake_exporters() -> Iterator[FakeExporters]:
         thread.join(timeout=5)
         loop.close()
         hang.close()
+
+
+@contextmanager
+def serve_aiohttp(routes: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
+                  ) -> Iterator[str]:
+    """A one-off aiohttp app (GET `routes`) on 127.0.0.1 in its own loop thread: its base URL."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        for path, handler in routes.items():
+            app.router.add_get(path, handler)
+        runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
 
 
 def exporter_entries(fakes: FakeExporters, *behaviours: str, **extra: Any) -> list[dict]:
