@@ -28,11 +28,26 @@ SLEEPER = "import sys, time\nwhile True: time.sleep(1)"
 SPINNER = "import sys\nwhile True: pass"
 
 
+# Ports free_port() handed out already. The kernel readily gives the same free port to
+# bind(0) again once it is closed, so callers that take several ports before starting the
+# servers (reliability_testing.start_fakes) got duplicates. Bounded: a test run uses far fewer.
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_MAX = 8192
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, not handed out before by this
+    process (until _HANDED_OUT_MAX ports have been)."""
+    if len(_HANDED_OUT) >= _HANDED_OUT_MAX:
+        _HANDED_OUT.clear()
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            break
+    _HANDED_OUT.add(port)
+    return port
 
 
 def wait_until(check: Callable[[], T], *, timeout: float = 10.0, what: str = "condition",
