@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+import psutil
+
 T = TypeVar("T")
 
 BIN = Path(sys.executable).parent
@@ -318,6 +320,22 @@ class Server:
 
     def wait_ready(self, path: str = "/healthz", timeout: float = 20.0) -> None:
         wait_ready(self.url + path, self.proc, timeout, log=self.log_path)
+        # Another process on this busy machine may have taken the port between free_port()
+        # and our bind: then the 200 was its answer, and ours is exiting with EADDRINUSE.
+        wait_until(lambda: self.listening() or self.proc.poll() is not None, timeout=timeout,
+                   what=f"{self.argv[0]} to listen on port {self.port}")
+        if not self.listening():
+            raise AssertionError(f"port {self.port} was taken by another process; "
+                                 f"{self.argv[0]} exited:\n{self.output()[-3000:]}")
+
+    def listening(self) -> bool:
+        """True if this server's own process listens on its port."""
+        try:
+            connections = psutil.Process(self.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
+                   for c in connections)
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
