@@ -228,9 +228,9 @@ def test_nested_json_is_that_exporters_failed_result_on_every_path(nested_fleet,
     assert by_host["good"]["status"] == "ok"
 
     # _any asks the never-asked before the down: both nested ones first, then moves on.
-    discovery.record("good", False, "an earlier failure")
+    discovery.health.record("good", False, "an earlier failure")
     for host in ("deep", "open"):
-        discovery.record(host, True, None)  # up: asked first
+        discovery.health.record(host, True, None)  # up: asked first
     result = client.simulate_get(path.format(host="_any"))
     assert result.status_code == 200, result.json
     assert [r["hostname"] for r in result.json["results"]] == ["good"]
