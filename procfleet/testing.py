@@ -1,7 +1,7 @@
-"""Helpers for testing and benchmarking procfleet's services: ports, waiting, reaping.
+"""Helpers for testing and benchmarking procfleet's services: ports, waiting, children, servers.
 
 Shipped with the package (as falcon ships falcon.testing) so the test suites and the
-benchmarks share one copy.
+benchmarks share one copy. No service imports it (tests/procfleet/test_layers.py checks).
 """
 
 from __future__ import annotations
@@ -10,47 +10,91 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, TypeVar
+
+import psutil
+
+T = TypeVar("T")
+
+BIN = Path(sys.executable).parent
+EXPORTER = str(BIN / "procfleet-exporter")
+QUERY = str(BIN / "procfleet-query")
+# A Python child that spends its life asleep (state S) until killed.
+SLEEPER = "import sys, time\nwhile True: time.sleep(1)"
+SPINNER = "import sys\nwhile True: pass"
+
+
+# Ports free_port() handed out already. The kernel readily gives the same free port to
+# bind(0) again once it is closed, so callers that take several ports before starting the
+# servers (reliability_testing.start_fakes) got duplicates. Bounded: a test run uses far fewer.
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_MAX = 8192
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 that was free a moment ago, not handed out before by this
+    process (until _HANDED_OUT_MAX ports have been)."""
+    if len(_HANDED_OUT) >= _HANDED_OUT_MAX:
+        _HANDED_OUT.clear()
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            break
+    _HANDED_OUT.add(port)
+    return port
 
 
-def wait_until(check: Callable[[], bool], *, timeout: float = 10.0,
-               what: str = "condition") -> None:
-    """Poll `check` until it is true; fail after `timeout` seconds."""
+def wait_until(check: Callable[[], T], *, timeout: float = 10.0, what: str = "condition",
+               interval: float = 0.02, retry_on: tuple[type[Exception], ...] = ()) -> T:
+    """Call `check` until it returns something truthy, and return that; fail after `timeout` s.
+
+    Exceptions of the `retry_on` types count as "not yet" (a service still starting refuses
+    connections); the last one is named if time runs out.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except retry_on as exc:
+            last_error = exc
+        if time.monotonic() > deadline:
+            why = f" (last error: {last_error})" if last_error else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{why}")
+        time.sleep(interval)
+
+
+def answers_200(url: str, timeout: float = 5.0) -> bool:
+    """True if a GET of `url` answers 200 within `timeout` seconds."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            status: int = resp.status
+            return status == 200
+    except OSError:
+        return False
 
 
 def wait_ready(url: str, proc: subprocess.Popen[Any], timeout: float = 30.0,
                log: Path | None = None) -> None:
     """Wait until `url` answers 200, failing early (with `log`'s tail) if the server exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         if proc.poll() is not None:
-            tail = f"\n{log.read_text(errors='replace')[-2000:]}" if log is not None else ""
-            raise RuntimeError(f"{url}: server exited with {proc.returncode}{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} not ready after {timeout} s")
+            tail = f"\n{log.read_text(errors='replace')[-3000:]}" if log is not None else ""
+            raise AssertionError(f"{url}: server pid {proc.pid} exited with {proc.returncode}{tail}")
+        return answers_200(url, timeout=1)
+
+    wait_until(ready, timeout=timeout, what=f"{url} to answer 200")
 
 
 def reap(proc: subprocess.Popen[Any]) -> None:
@@ -61,6 +105,107 @@ def reap(proc: subprocess.Popen[Any]) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
+
+
+def terminate(proc: subprocess.Popen[Any], *, grace: float = 15.0) -> int:
+    """SIGTERM, wait up to `grace` seconds, kill if needed; return the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout=5)
+
+
+def _argv_of(pid: int) -> list[bytes] | None:
+    """The argv /proc shows for `pid`; empty between fork and exec and for a zombie."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return raw.split(b"\0")[:-1] if raw.endswith(b"\0") else [raw] if raw else []
+
+
+def wait_for_argv(pid: int, argv: Sequence[str], *, timeout: float = 10.0) -> None:
+    """Wait until /proc shows `pid` running with exactly `argv` (it has exec'd)."""
+    expected = [os.fsencode(arg) for arg in argv]
+    wait_until(lambda: _argv_of(pid) == expected, timeout=timeout, what=f"child {pid} to exec")
+
+
+def state_of(pid: int) -> str | None:
+    """The one-letter state of `pid` from /proc (S sleeping, R running, Z zombie...)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2:][:1].decode()
+
+
+def spawn(argv: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start `argv` (stdio on /dev/null unless given) and return once it has exec'd.
+
+    Tests look the child up by pid at once: before exec /proc shows the parent's image.
+    """
+    options: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
+                               "stderr": subprocess.DEVNULL, **popen}
+    proc = subprocess.Popen(list(argv), **options)
+    try:
+        wait_for_argv(proc.pid, argv)
+    except BaseException:
+        reap(proc)
+        raise
+    return proc
+
+
+def spawn_python(*args: str, code: str = SLEEPER, **popen: Any) -> subprocess.Popen[bytes]:
+    """`python -c code args...` once exec'd; a SLEEPER also once it sleeps (done loading)."""
+    proc = spawn([sys.executable, "-c", code, *args], **popen)
+    if code == SLEEPER:
+        try:
+            wait_until(lambda: state_of(proc.pid) == "S", what=f"child {proc.pid} to sleep")
+        except BaseException:
+            reap(proc)
+            raise
+    return proc
+
+
+def reap_all(procs: Sequence[subprocess.Popen[Any]]) -> None:
+    """Reap each of `procs` and close the stdin pipes the tests held."""
+    for proc in procs:
+        reap(proc)
+        if proc.stdin:
+            proc.stdin.close()
+
+
+class Children:
+    """Real child processes, each visible in /proc when returned; `reap()` ends them all."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, *args: str, code: str = SLEEPER, **popen: Any) -> subprocess.Popen[bytes]:
+        """`python -c code args...` (see spawn_python)."""
+        return self._keep(spawn_python(*args, code=code, **popen))
+
+    def spawn_argv(self, argv: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
+        """Any program (not the test's Python), once it has exec'd."""
+        return self._keep(spawn(argv, **popen))
+
+    def _keep(self, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        self.procs.append(proc)
+        return proc
+
+    def reap(self) -> None:
+        reap_all(self.procs)
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.reap()
 
 
 def _comm_and_state(pid: int) -> tuple[str, str] | None:
@@ -117,46 +262,81 @@ class NamedChildren:
         return child
 
     def reap(self) -> None:
-        for child in self.children:
-            reap(child)
-            if child.stdin:
-                child.stdin.close()
+        reap_all(self.children)
+
+
+def _start_logged(argv: Sequence[str], log: Path,
+                  env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=dict(env) if env else None)
+
+
+@contextmanager
+def running(argv: Sequence[str], *, ready_url: str, log: Path, timeout: float = 20.0
+            ) -> Iterator[subprocess.Popen[bytes]]:
+    """Start any server (Prometheus too) with its output in `log`; ready when `ready_url`
+    answers 200; terminated on the way out."""
+    proc = _start_logged(argv, log)
+    try:
+        wait_ready(ready_url, proc, timeout=timeout, log=log)
+        yield proc
+    finally:
+        terminate(proc, grace=10.0)
 
 
 class Server:
     """A service started as users start it, its stdout and stderr kept in a log file."""
 
-    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+    def __init__(self, argv: list[str], port: int, log: Path,
+                 env: Mapping[str, str] | None = None) -> None:
         self.argv = argv
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        self._log_file = log.open("wb")
-        self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.log_path = log
+        self.proc = _start_logged(argv, log, env)
+
+    @classmethod
+    def start(cls, argv: list[str], port: int, log: Path, *, path: str = "/healthz",
+              timeout: float = 20.0, env: Mapping[str, str] | None = None) -> Self:
+        """Start it and wait until `path` answers 200; stopped again if it never does."""
+        server = cls(argv, port, log, env)
+        try:
+            server.wait_ready(path, timeout)
+        except BaseException:
+            server.stop()
+            raise
+        return server
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        """What the service wrote so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")
 
     def healthy(self, path: str = "/healthz", timeout: float = 5.0) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
-                ok: bool = resp.status == 200
-                return ok
-        except OSError:
-            return False
+        return answers_200(self.url + path, timeout=timeout)
 
     def wait_ready(self, path: str = "/healthz", timeout: float = 20.0) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.argv[0]} exited early:\n{self.output()}")
-            return self.healthy(path, timeout=1)
+        wait_ready(self.url + path, self.proc, timeout, log=self.log_path)
+        # Another process on this busy machine may have taken the port between free_port()
+        # and our bind: then the 200 was its answer, and ours is exiting with EADDRINUSE.
+        wait_until(lambda: self.listening() or self.proc.poll() is not None, timeout=timeout,
+                   what=f"{self.argv[0]} to listen on port {self.port}")
+        if not self.listening():
+            raise AssertionError(f"port {self.port} was taken by another process; "
+                                 f"{self.argv[0]} exited:\n{self.output()[-3000:]}")
 
-        wait_until(ready, timeout=timeout, what=f"{self.url}{path}")
+    def listening(self) -> bool:
+        """True if this server's own process listens on its port."""
+        try:
+            connections = psutil.Process(self.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
+                   for c in connections)
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
@@ -166,12 +346,32 @@ class Server:
 
     def stop(self) -> int:
         """SIGTERM, wait (bounded), and return the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(timeout=5)
-        self._log_file.close()
-        return code
+        return terminate(self.proc)
+
+
+def start_exporter(tmp: Path, *extra: str, config: str | None = None,
+                   hostname: str | None = None) -> Server:
+    """`procfleet-exporter --listen 127.0.0.1:PORT [--config FILE] [--hostname NAME]`, ready."""
+    port = free_port()
+    argv = [EXPORTER, "--listen", f"127.0.0.1:{port}", *extra]
+    if hostname is not None:
+        argv += ["--hostname", hostname]
+    if config is not None:
+        path = tmp / f"exporter-{port}.yml"
+        path.write_text(config)
+        argv += ["--config", str(path)]
+    return Server.start(argv, port, tmp / f"exporter-{port}.log")
+
+
+def query_argv(config: Path, port: int, *extra: str, module: bool = False) -> list[str]:
+    """The query service's command line: `procfleet-query` or `python -m query`."""
+    program = [sys.executable, "-m", "query"] if module else [QUERY]
+    return [*program, "--config", str(config), "--listen", f"127.0.0.1:{port}", *extra]
+
+
+def start_query(tmp: Path, config: str, *extra: str) -> Server:
+    """`procfleet-query --config FILE --listen 127.0.0.1:PORT`, ready when /healthz answers."""
+    port = free_port()
+    path = tmp / f"query-{port}.yml"
+    path.write_text(config)
+    return Server.start(query_argv(path, port, *extra), port, tmp / f"query-{port}.log")

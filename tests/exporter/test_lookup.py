@@ -11,12 +11,11 @@ from datetime import UTC, datetime
 import falcon.testing
 import psutil
 import pytest
-from exporter_testing import SPINNER
 
 from exporter.app import create_app
 from exporter.config import Config
 from exporter.procs import ProcessError, ProcessGone, ProcfsReader, PsutilReader
-from procfleet.testing import wait_until
+from procfleet.testing import SPINNER, wait_until
 
 READERS = {"procfs": ProcfsReader, "psutil": PsutilReader}
 

@@ -37,7 +37,7 @@ def test_started_as_users_do_answers_and_stops_on_sigterm(start_exporter, childr
     assert missing.status_code == 404
     assert set(missing.json()) == {"error", "details", "code"}
     assert server.stop() == 0
-    log = server.log.read_text()
+    log = server.output()
     assert "received SIGTERM" in log and "stopped" in log
 
 

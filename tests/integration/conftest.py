@@ -27,14 +27,11 @@ from integration_testing import (
     PrometheusAPI,
     QueryService,
     keygen,
-    process_visible,
-    running,
     spawn_child,
-    stop,
     wait_until,
 )
 
-from procfleet.testing import free_port
+from procfleet.testing import free_port, running, terminate
 
 
 @pytest.fixture(scope="session")
@@ -52,16 +49,11 @@ def tagged_children(groups: Groups) -> Iterator[dict[str, list[subprocess.Popen[
         for _ in range(IDLE_CHILDREN):
             spawned["idle"].append(spawn_child(groups.idle))
         spawned["busy"].append(spawn_child(groups.busy, busy=True))
-        for kind, children in spawned.items():
-            tag = getattr(groups, kind)
-            for child in children:
-                wait_until(lambda c=child, t=tag: process_visible(c.pid, t), timeout=10,
-                           what=f"child {child.pid} to show {tag} in /proc")
         yield spawned
     finally:
         for children in spawned.values():
             for child in children:
-                stop(child, grace=5)
+                terminate(child, grace=5)
 
 
 @pytest.fixture(scope="session")
@@ -154,6 +146,8 @@ def prometheus_config(exporters: list[Exporter], query: QueryService, token_file
         {"targets": [e.instance], "labels": {"hostname": e.hostname}} for e in exporters]))
     query_job = jobs["procfleet-query"]
     query_job["static_configs"] = [{"targets": [query.instance]}]
+    # The query service's /metrics needs a node:read key (auth.protect_metrics defaults on):
+    # the commented authorization lines of the job, switched on.
     query_job["authorization"] = {"type": "Bearer", "credentials_file": str(query_key_file)}
     assert set(jobs) == {"procfleet", "procfleet-query"}, "a new job in prometheus.yml?"
     return config

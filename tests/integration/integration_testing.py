@@ -1,4 +1,4 @@
-"""Helpers for the integration tests: free ports, deadlines, real servers and real children.
+"""Helpers for the integration tests: tagged children, keys, Prometheus's API, dashboards.
 
 Nothing here fakes the thing under test: servers are started as users start them
 (`procfleet-exporter …`, `python -m query …`, `/usr/bin/prometheus …`) and children are real
@@ -7,21 +7,20 @@ processes that are always reaped.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import requests
 import yaml
 
-T = TypeVar("T")
+from procfleet import testing
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -63,56 +62,9 @@ class QueryService:
     instance: str
 
 
-def wait_until(check: Callable[[], T | None], *, timeout: float, what: str,
-               interval: float = 0.1) -> T:
-    """Call `check` until it returns something truthy; fail with `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except (requests.RequestException, OSError, ValueError, KeyError) as exc:
-            last_error = exc
-        if time.monotonic() > deadline:
-            why = f" (last error: {last_error})" if last_error else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{why}")
-        time.sleep(interval)
-
-
-def stop(process: subprocess.Popen[Any], *, grace: float = 10.0) -> None:
-    """Terminate, wait, kill if needed: the process is always reaped."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=grace)
-
-
-@contextmanager
-def running(argv: Sequence[str], *, ready_url: str, log: Path, timeout: float = 20.0,
-            env: Mapping[str, str] | None = None,
-            ready: Callable[[requests.Response], bool] | None = None,
-            ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server as its users do, wait until `ready_url` answers 200, stop it after."""
-    with open(log, "wb") as out:
-        process = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=dict(env) if env else None)
-    try:
-        def is_ready() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"{argv[0]} exited with {process.returncode}:\n"
-                                     f"{log.read_text(errors='replace')[-3000:]}")
-            response = requests.get(ready_url, timeout=1)
-            return response.status_code == 200 and (ready is None or ready(response))
-
-        wait_until(is_ready, timeout=timeout, what=f"{ready_url} ({argv[0]})")
-        yield process
-    finally:
-        stop(process)
+# Prometheus and the services refuse or half-answer while they start: "not yet", not a failure.
+wait_until = functools.partial(testing.wait_until, interval=0.1,
+                               retry_on=(OSError, ValueError, KeyError))
 
 
 def keygen(name: str, permission: str) -> tuple[str, dict]:
@@ -130,23 +82,14 @@ def keygen(name: str, permission: str) -> tuple[str, dict]:
 
 
 def spawn_child(tag: str, *, busy: bool = False) -> subprocess.Popen[bytes]:
-    """A real child whose argv carries `procfleet-itest-<tag>`; busy ones spin on a CPU."""
+    """A real child whose argv carries `procfleet-itest-<tag>`, once /proc shows it; busy
+    ones spin on a CPU. It exits on its own after CHILD_LIFETIME even if pytest is killed."""
     work = "pass" if busy else "time.sleep(0.2)"
     code = ("import sys, time\n"
             f"end = time.monotonic() + {CHILD_LIFETIME}\n"
             "while time.monotonic() < end:\n"
             f"    {work}\n")
-    return subprocess.Popen([sys.executable, "-c", code, CHILD_MARKER + tag],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-
-
-def process_visible(pid: int, tag: str) -> bool:
-    """True once /proc shows the child with its marker (it has exec'd python)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except FileNotFoundError:
-        return False
-    return (CHILD_MARKER + tag).encode() in argv
+    return testing.spawn([sys.executable, "-c", code, CHILD_MARKER + tag])
 
 
 class PrometheusAPI:

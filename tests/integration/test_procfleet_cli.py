@@ -24,10 +24,7 @@ from integration_testing import (
     VENV_BIN,
     Groups,
     QueryService,
-    process_visible,
     spawn_child,
-    stop,
-    wait_until,
 )
 
 from procfleet.cli import (
@@ -40,6 +37,7 @@ from procfleet.cli import (
     problem_lines,
     visible_json,
 )
+from procfleet.testing import spawn, terminate
 
 CLI = str(VENV_BIN / "procfleet")
 
@@ -127,11 +125,9 @@ def test_controls_in_a_command_line_are_printed_escaped(service: dict[str, str])
     """A real child with bidi and control characters in its argv, looked up through the real
     services: the table and --json show each as an escape, never the character itself."""
     tag = "hostile"
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                              *HOSTILE_ARGS, CHILD_MARKER + tag],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    child = spawn([sys.executable, "-c", "import time; time.sleep(60)", *HOSTILE_ARGS,
+                   CHILD_MARKER + tag])
     try:
-        wait_until(lambda: process_visible(child.pid, tag), timeout=10, what="the child")
         run = procfleet("--wide", "get", "itest-0", str(child.pid), **service)
         assert run.status == 0, run.err
         raw = [c for c in run.out if not c.isprintable() and c != "\n"]
@@ -145,7 +141,7 @@ def test_controls_in_a_command_line_are_printed_escaped(service: dict[str, str])
         command = json.loads(as_json.out)["results"][0]["process"]["command"]
         assert all(arg in command for arg in HOSTILE_ARGS)
     finally:
-        stop(child)
+        terminate(child)
 
 
 def test_every_printed_field_is_escaped() -> None:
@@ -179,7 +175,7 @@ def test_get_on_a_broadcast_target_lists_every_host(service: dict[str, str],
 
 def test_get_of_a_reaped_child_is_not_found(service: dict[str, str], groups: Groups) -> None:
     child = spawn_child(groups.idle)
-    stop(child)
+    terminate(child)
     run = procfleet("get", "itest-0", str(child.pid), **service)
     assert run.status == 1
     assert run.out == ""

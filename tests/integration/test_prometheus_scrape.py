@@ -13,11 +13,11 @@ from integration_testing import (
     Groups,
     PrometheusAPI,
     QueryService,
-    process_visible,
     spawn_child,
-    stop,
     wait_until,
 )
+
+from procfleet.testing import terminate
 
 
 def test_shipped_prometheus_config_passes_promtool() -> None:
@@ -69,13 +69,11 @@ def test_num_procs_follows_a_child_that_starts_and_is_reaped(
     expr = f'namedprocess_namegroup_num_procs{{groupname="{groups.idle}"}}'
     child = spawn_child(groups.idle)
     try:
-        wait_until(lambda: process_visible(child.pid, groups.idle), timeout=10,
-                   what="the extra child in /proc")
         more = {e.instance: float(IDLE_CHILDREN + 1) for e in exporters}
         wait_until(lambda: prometheus.values(expr) == more, timeout=10,
                    what=f"{expr} == {IDLE_CHILDREN + 1}")
     finally:
-        stop(child, grace=5)
+        terminate(child, grace=5)
     back = {e.instance: float(IDLE_CHILDREN) for e in exporters}
     wait_until(lambda: prometheus.values(expr) == back, timeout=10,
                what=f"{expr} back to {IDLE_CHILDREN} after the child was reaped")

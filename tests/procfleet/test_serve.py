@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from procfleet.testing import free_port
+from procfleet.testing import free_port, wait_ready
 
 APP = """
 import logging, sys, time
@@ -35,14 +35,7 @@ def server():
     proc = subprocess.Popen([sys.executable, "-c", APP, str(port)], stderr=subprocess.PIPE,
                             text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            requests.get(url + "/", timeout=1)
-            break
-        except requests.ConnectionError:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
+    wait_ready(url + "/", proc, timeout=15)
     yield proc, url
     if proc.poll() is None:
         proc.kill()

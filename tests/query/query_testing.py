@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
 import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +35,7 @@ import falcon.testing
 import pytest
 from aiohttp import web
 
-from procfleet.testing import free_port
+from procfleet.testing import Server, free_port, query_argv, reap
 from query.app import create_app
 from query.config import Config, parse
 from query.fanout import Fanout
@@ -173,6 +170,33 @@ def fake_exporters() -> Iterator[FakeExporters]:
         hang.close()
 
 
+@contextmanager
+def serve_aiohttp(routes: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
+                  ) -> Iterator[str]:
+    """A one-off aiohttp app (GET `routes`) on 127.0.0.1 in its own loop thread: its base URL."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        for path, handler in routes.items():
+            app.router.add_get(path, handler)
+        runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
+
+
 def exporter_entries(fakes: FakeExporters, *behaviours: str, **extra: Any) -> list[dict]:
     """`exporters:` config entries named after their behaviour (`ok` → hostname `ok`)."""
     return [{"hostname": b.replace("_", "-"), "url": fakes.url(b), **extra} for b in behaviours]
@@ -276,15 +300,20 @@ def check_doc(openapi_doc: dict) -> Callable[[str, Any], None]:
 
 # -- the real service, started as users do -----------------------------------------------
 
-@dataclass
-class Service:
-    process: subprocess.Popen
-    base: str
-    log_path: Any = None
+class Service(Server):
+    """The query service started as `python -m query`; `get` answers (status, headers, body)."""
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.proc
+
+    @property
+    def base(self) -> str:
+        return self.url
 
     def log(self) -> str:
         """What the service logged so far (stdout and stderr)."""
-        return self.log_path.read_text(errors="replace")
+        return self.output()
 
     def get(self, path: str, headers: dict[str, str] | None = None,
             timeout: float = 10.0) -> tuple[int, Any, Any]:
@@ -300,33 +329,6 @@ class Service:
         ctype = response_headers.get("Content-Type", "")
         return status, response_headers, json.loads(body) if "json" in ctype else body
 
-    def stop(self) -> int:
-        """SIGTERM, then the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise
-
-
-def wait_ready(url: str, process: subprocess.Popen, deadline_seconds: float = 15.0) -> None:
-    """Poll `url` until it answers 200, the process dies, or the deadline passes."""
-    deadline = time.monotonic() + deadline_seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"process exited with {process.returncode} before ready")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{url} not ready within {deadline_seconds} s")
-
 
 @pytest.fixture
 def start_service(tmp_path) -> Iterator[Callable[..., Service]]:
@@ -337,19 +339,11 @@ def start_service(tmp_path) -> Iterator[Callable[..., Service]]:
         path = tmp_path / f"query-{len(started)}.yml"
         path.write_text(config_text)
         port = free_port()
-        log_path = tmp_path / f"query-{len(started)}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "query", "--config", str(path),
-                 "--listen", f"127.0.0.1:{port}", *args],
-                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-        service = Service(process, f"http://127.0.0.1:{port}", log_path)
+        service = Service.start(query_argv(path, port, *args, module=True), port,
+                                tmp_path / f"query-{len(started)}.log", timeout=15.0)
         started.append(service)
-        wait_ready(service.base + "/healthz", process)
         return service
 
     yield start
     for service in started:
-        if service.process.poll() is None:
-            service.process.kill()
-        service.process.wait()
+        reap(service.process)

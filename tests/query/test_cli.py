@@ -12,9 +12,9 @@ import falcon.testing
 import psutil
 import pytest
 import yaml
-from query_testing import EXPORTER_TIMEOUT, KNOWN_PID, PROCESS, wait_ready
+from query_testing import EXPORTER_TIMEOUT, KNOWN_PID, PROCESS
 
-from procfleet.testing import free_port
+from procfleet.testing import Server, free_port, reap, spawn
 from query.app import create_app
 from query.config import parse
 from query.fanout import Fanout
@@ -111,72 +111,47 @@ def test_nonloopback_without_auth_needs_the_flag(tmp_path) -> None:
     assert refused.returncode == 2
     assert "--allow-unauthenticated-nonloopback" in refused.stderr
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "query", "--config", str(path), "--listen", f"0.0.0.0:{port}",
-         "--allow-unauthenticated-nonloopback"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = Server([sys.executable, "-m", "query", "--config", str(path), "--listen",
+                     f"0.0.0.0:{port}", "--allow-unauthenticated-nonloopback"],
+                    port, tmp_path / "query.log")
     try:
-        wait_ready(f"http://127.0.0.1:{port}/healthz", process)
+        server.wait_ready()
     finally:
-        process.terminate()
-        assert process.wait(timeout=10) == 0
+        assert server.stop() == 0
 
 
-def test_no_config_uses_the_built_in_default() -> None:
+def test_no_config_uses_the_built_in_default(tmp_path) -> None:
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "query", "--listen", f"127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = Server([sys.executable, "-m", "query", "--listen", f"127.0.0.1:{port}"],
+                    port, tmp_path / "query.log")
     try:
-        wait_ready(f"http://127.0.0.1:{port}/healthz", process)
+        server.wait_ready()
         import urllib.request
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/node", timeout=5) as response:
+        with urllib.request.urlopen(f"{server.url}/node", timeout=5) as response:
             nodes = json.load(response)["exporters"]
         assert [n["url"] for n in nodes] == ["http://127.0.0.1:9256"]
     finally:
-        process.terminate()
-        assert process.wait(timeout=10) == 0
+        assert server.stop() == 0
 
 
 # -- end to end with the real exporter ----------------------------------------------------
 
 @pytest.fixture
-def real_exporter():
+def real_exporter(tmp_path):
     """`python -m exporter` on a free port, as users start it, stopped afterwards."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{port}",
-         "--hostname", "e2e-host"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/healthz", process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    server = Server.start([sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{port}",
+                           "--hostname", "e2e-host"], port, tmp_path / "exporter.log")
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture
 def child():
     """A sleeping child process, visible before the test runs and always reaped."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                                "--password=hunter2"])
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                # Between fork and exec the argv may be empty: keep waiting.
-                if psutil.Process(process.pid).cmdline()[-1:] == ["--password=hunter2"]:
-                    break
-            except psutil.Error:
-                pass
-            time.sleep(0.02)
-        else:
-            raise AssertionError("the child did not exec in 10 s")
-        yield process
-    finally:
-        process.kill()
-        process.wait()
+    process = spawn([sys.executable, "-c", "import time; time.sleep(60)", "--password=hunter2"])
+    yield process
+    reap(process)
 
 
 def test_end_to_end_with_the_real_exporter(real_exporter, child, start_service) -> None:

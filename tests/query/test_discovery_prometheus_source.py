@@ -4,10 +4,8 @@ tests/integration/test_discovery_prometheus.py); failures keep the last good exp
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,7 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from query_testing import make_config
+from query_testing import make_config, serve_aiohttp
 
 from procfleet.testing import free_port
 from query.config import PrometheusSD
@@ -55,9 +53,6 @@ class FakePrometheus:
 
 @pytest.fixture
 def prometheus_api() -> Iterator[FakePrometheus]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     fake = FakePrometheus("")
 
     async def targets(request: web.Request) -> web.Response:
@@ -65,23 +60,8 @@ def prometheus_api() -> Iterator[FakePrometheus]:
         return web.Response(status=fake.status, body=json.dumps(fake.body).encode(),
                             content_type="application/json")
 
-    async def start() -> web.AppRunner:
-        app = web.Application()
-        app.router.add_get("/api/v1/targets", targets)
-        runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return runner
-
-    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
-    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    with serve_aiohttp({"/api/v1/targets": targets}) as fake.url:
         yield fake
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        loop.close()
 
 
 def prometheus_config(url: str, exporters: list | None = None, **settings: Any):

@@ -6,14 +6,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 from query_testing import KNOWN_PID, PROCESS, Service
 from test_discovery_files import write
 
+from procfleet.testing import wait_until
 from query.auth import key_hash
 
 NODE_KEY = "reload-test-node-key"
@@ -51,13 +50,6 @@ def metric(service: Service, line_start: str) -> float | None:
     return None
 
 
-def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_sighup_rereads_the_yaml_and_the_files(fake_exporters, start_service, tmp_path
                                                ) -> None:
     targets = tmp_path / "targets"
@@ -77,16 +69,16 @@ def test_sighup_rereads_the_yaml_and_the_files(fake_exporters, start_service, tm
     config_path.write_text(query_yaml(fake_exporters, targets,
                                       static=["static-01", "static-02"], interval=3600))
     service.process.send_signal(signal.SIGHUP)
-    eventually(lambda: nodes(service) == ["file-01", "file-02", "static-01", "static-02"],
-               "the reload to add static-02 and file-02")
+    wait_until(lambda: nodes(service) == ["file-01", "file-02", "static-01", "static-02"],
+               what="the reload to add static-02 and file-02")
     assert metric(service, 'procfleet_query_discovery_reloads_total{result="success",'
                            'source="config"}') == 1.0
 
     config_path.write_text("auth: {enabled: false}\nexporters: [{hostname: x}]\n")
     service.process.send_signal(signal.SIGHUP)
-    eventually(lambda: metric(service, 'procfleet_query_discovery_reloads_total{'
+    wait_until(lambda: metric(service, 'procfleet_query_discovery_reloads_total{'
                                        'result="failure",source="config"}') == 1.0,
-               "the failed reload to be counted")
+               what="the failed reload to be counted")
     assert nodes(service) == ["file-01", "file-02", "static-01", "static-02"]
     failure = [line for line in service.log().splitlines()
                if "configuration reload failed" in line]
@@ -98,9 +90,9 @@ def test_sighup_rereads_the_yaml_and_the_files(fake_exporters, start_service, tm
     config_path.write_text(query_yaml(fake_exporters, targets, static=["file-01"],
                                       interval=3600))
     service.process.send_signal(signal.SIGHUP)
-    eventually(lambda: metric(service, 'procfleet_query_discovery_reloads_total{'
+    wait_until(lambda: metric(service, 'procfleet_query_discovery_reloads_total{'
                                        'result="failure",source="config"}') == 2.0,
-               "the conflicting reload to be counted")
+               what="the conflicting reload to be counted")
     assert nodes(service) == ["file-01", "file-02", "static-01", "static-02"]
     assert "'file-01' is defined by both static" in service.log()
     assert service.stop() == 0
@@ -116,14 +108,14 @@ def test_changed_files_are_picked_up_and_a_broken_one_keeps_the_last_good_set(
     assert nodes(service) == ["file-01"]
 
     write(targets / "a.yml", file_targets(fake_exporters, "file-01", "file-02"))
-    eventually(lambda: nodes(service) == ["file-01", "file-02"], "file-02 to appear")
+    wait_until(lambda: nodes(service) == ["file-01", "file-02"], what="file-02 to appear")
     write(targets / "new.yml", file_targets(fake_exporters, "file-03"))
-    eventually(lambda: nodes(service) == ["file-01", "file-02", "file-03"],
-               "the glob to pick up new.yml")
+    wait_until(lambda: nodes(service) == ["file-01", "file-02", "file-03"],
+               what="the glob to pick up new.yml")
 
     write(targets / "a.yml", "- targets: [oops\n")
     failures = 'procfleet_query_discovery_reloads_total{result="failure",source="file_sd"}'
-    eventually(lambda: metric(service, failures) == 1.0, "the broken file to be counted")
+    wait_until(lambda: metric(service, failures) == 1.0, what="the broken file to be counted")
     assert nodes(service) == ["file-01", "file-02", "file-03"]
     logged = [line for line in service.log().splitlines() if "source=file_sd" in line]
     assert len(logged) == 1 and "level=error" in logged[0]
@@ -132,7 +124,7 @@ def test_changed_files_are_picked_up_and_a_broken_one_keeps_the_last_good_set(
                            '{source="file_sd"}') > 1e9
 
     write(targets / "a.yml", file_targets(fake_exporters, "file-01"))
-    eventually(lambda: nodes(service) == ["file-01", "file-03"], "the fixed file to load")
+    wait_until(lambda: nodes(service) == ["file-01", "file-03"], what="the fixed file to load")
     status, _, body = service.get(f"/node/_all/process/{KNOWN_PID}", {"X-API-Key": NODE_KEY})
     assert status == 200 and [r["status"] for r in body["results"]] == ["ok", "ok"]
     assert service.stop() == 0

@@ -4,7 +4,6 @@ scope."""
 
 from __future__ import annotations
 
-import asyncio
 import http.server
 import json
 import os
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from query_testing import KNOWN_PID, PROCESS, make_config
+from query_testing import KNOWN_PID, PROCESS, make_config, serve_aiohttp
 
 from procfleet.configcheck import ConfigError
 from procfleet.testing import free_port
@@ -273,32 +272,15 @@ class RecordingExporter:
 
 @pytest.fixture
 def recording_exporter() -> Iterator[RecordingExporter]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     recorder = RecordingExporter()
 
     async def process(request: web.Request) -> web.Response:
         recorder.seen.append((request.path, request.headers.get("Authorization")))
         return web.json_response(PROCESS)
 
-    async def start() -> web.AppRunner:
-        app = web.Application()
-        app.router.add_get("/process/{pid}", process)
-        runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return runner
-
-    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
-    recorder.address = f"127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    with serve_aiohttp({"/process/{pid}": process}) as url:
+        recorder.address = url.removeprefix("http://")
         yield recorder
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        loop.close()
 
 
 def tokens_received(recording_exporter: RecordingExporter, prometheus: Recorder,

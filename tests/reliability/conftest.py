@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from procfleet.testing import Server, start_exporter
+
 pytest.register_assert_rewrite("reliability_testing")
 
-from reliability_testing import Server, start_exporter, token_config  # noqa: E402
+from reliability_testing import token_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

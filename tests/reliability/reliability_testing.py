@@ -1,7 +1,7 @@
-"""Helpers for the reliability tests: real servers, real child processes, bounded waits.
+"""Helpers for the reliability tests: configs, API keys, raw requests, misbehaving exporters.
 
-Everything here starts programs as users start them (the installed console scripts), on free
-127.0.0.1 ports, and cleans up after itself; every loop is bounded in count and in time.
+Servers and children are started with procfleet.testing (as users start them, on free
+127.0.0.1 ports, always cleaned up); every loop here is bounded in count and in time.
 """
 
 from __future__ import annotations
@@ -14,59 +14,18 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from http.client import HTTPResponse
-from pathlib import Path
 
-from procfleet.testing import Server, free_port, reap, wait_until
+from procfleet.testing import QUERY, free_port, reap
 
-BIN = Path(sys.executable).parent
-EXPORTER = str(BIN / "procfleet-exporter")
-QUERY = str(BIN / "procfleet-query")
-SLEEPER = "import time\nwhile True: time.sleep(1)"
 # A fixed token for tests; only its SHA-256 goes into the exporter's config.
 TOKEN = "reliability-test-token-Zq7u2Lw9"
 TOKEN_SHA256 = hashlib.sha256(TOKEN.encode()).hexdigest()
 ERROR_KEYS = {"error", "details", "code"}
 
 
-def start_exporter(tmp: Path, *extra: str, config: str | None = None,
-                   hostname: str | None = None) -> Server:
-    """`procfleet-exporter --listen 127.0.0.1:PORT [--config FILE] [--hostname NAME]`."""
-    port = free_port()
-    argv = [EXPORTER, "--listen", f"127.0.0.1:{port}", *extra]
-    if hostname is not None:
-        argv += ["--hostname", hostname]
-    if config is not None:
-        path = tmp / f"exporter-{port}.yml"
-        path.write_text(config)
-        argv += ["--config", str(path)]
-    server = Server(argv, port, tmp / f"exporter-{port}.log")
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
 def token_config(*, protect_metrics: bool = True) -> str:
     return (f"auth:\n  token_sha256: {TOKEN_SHA256}\n"
             f"  protect_metrics: {'true' if protect_metrics else 'false'}\n")
-
-
-def spawn_sleeper(*args: str) -> subprocess.Popen:
-    """A child that sleeps until killed, with `args` on its command line; visible on return."""
-    proc = subprocess.Popen([sys.executable, "-c", SLEEPER, *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def visible() -> bool:
-        try:
-            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
-                return f.read().split(b"\0")[1:2] == [b"-c"]
-        except OSError:
-            return False
-
-    wait_until(visible, what=f"child {proc.pid} to exec")
-    return proc
 
 
 def new_api_key(name: str, *permissions: str) -> tuple[str, str]:
@@ -95,21 +54,6 @@ def query_config(exporters: list[tuple[str, str]], *, key_entries: list[str] | N
     lines.append("exporters:")
     lines += [f"  - {{hostname: {name}, url: \"{url}\"}}" for name, url in exporters]
     return "\n".join(lines) + "\n" + extra
-
-
-def start_query(tmp: Path, config: str, *extra: str) -> Server:
-    """`procfleet-query --config FILE --listen 127.0.0.1:PORT`, ready when /healthz answers."""
-    port = free_port()
-    path = tmp / f"query-{port}.yml"
-    path.write_text(config)
-    argv = [QUERY, "--config", str(path), "--listen", f"127.0.0.1:{port}", *extra]
-    server = Server(argv, port, tmp / f"query-{port}.log")
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
-    return server
 
 
 def raw_request(port: int, target: bytes, headers: Sequence[tuple[bytes, bytes]] = (),

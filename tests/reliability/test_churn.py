@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-from reliability_testing import Server
+
+from procfleet.testing import Server
 
 CHURN_SECONDS = 30.0
 SPAWN_RATE = 200  # per second

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from reliability_testing import EXPORTER, QUERY
 
-from procfleet.testing import free_port
+from procfleet.testing import EXPORTER, QUERY, free_port
 
 RUN_TIMEOUT = 20.0
 GOOD_SHA = "a" * 64

@@ -19,16 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from reliability_testing import (
-    FAULTS,
-    Server,
-    query_config,
-    spawn_sleeper,
-    start_fakes,
-    start_query,
-)
+from reliability_testing import FAULTS, query_config, start_fakes
 
-from procfleet.testing import reap, wait_until
+from procfleet.testing import Server, reap, spawn_python, start_query, wait_until
 
 EXPORTER_TIMEOUT = 1.0
 REQUEST_DEADLINE = 2.5
@@ -72,7 +65,7 @@ def victim() -> Iterator[tuple[subprocess.Popen, str]]:
 
 @pytest.fixture(scope="module")
 def child() -> Iterator[subprocess.Popen]:
-    proc = spawn_sleeper()
+    proc = spawn_python()
     yield proc
     reap(proc)
 

@@ -13,29 +13,23 @@ import string
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from reliability_testing import TOKEN, Server, assert_error_body, raw_request, spawn_sleeper
+from reliability_testing import TOKEN, assert_error_body, raw_request
 from schemathesis import GenerationMode
-from schemathesis.specs.openapi import checks as oas
 
-CASES = 500  # per operation and generation mode
+from procfleet.testing import Server, spawn_python
+from procfleet.testing_fuzz import CASES, FUZZ_SETTINGS, SCHEMA_CHECKS, fuzz_operation
+
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 OPEN_PATHS = {"/", "/healthz"}
 PARAM_ERROR = "invalid query parameter"
-SCHEMA_CHECKS = [oas.status_code_conformance, oas.content_type_conformance,
-                 oas.response_schema_conformance, oas.response_headers_conformance]
-
-# Generate only: no example database (CI repeatable), and failures are collected and listed
-# rather than shrunk, so one run shows every kind of bad answer.
-FUZZ_SETTINGS = settings(max_examples=CASES, derandomize=True, database=None, deadline=None,
-                         suppress_health_check=list(HealthCheck), print_blob=False,
-                         phases=[Phase.explicit, Phase.generate])
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +70,11 @@ def _runs() -> list[tuple[str, GenerationMode]]:
     return runs
 
 
+def _token_when_asked(case: schemathesis.Case, generated: dict[str, Any], with_token: bool,
+                      sent: int) -> dict[str, str] | None:
+    return BEARER if with_token else None
+
+
 @pytest.mark.parametrize(("label", "mode"), _runs(),
                          ids=[f"{label}-{mode.value}" for label, mode in _runs()])
 def test_schemathesis(schema: schemathesis.BaseSchema, token_exporter: Server, label: str,
@@ -86,44 +85,15 @@ def test_schemathesis(schema: schemathesis.BaseSchema, token_exporter: Server, l
     them 500 varied ones.
     """
     method, path = label.split(" ", 1)
-    operation = schema[path][method]
-    session = requests.Session()
-    failures: list[str] = []
-    statuses: dict[int, int] = {}
-    sent = 0
-
-    @FUZZ_SETTINGS
-    @given(case=operation.as_strategy(generation_mode=mode))
-    def run(case: schemathesis.Case) -> None:
-        nonlocal sent
-        for with_token in (True, False):
-            headers = BEARER if with_token else None
-            response = case.call(base_url=token_exporter.url, session=session,
-                                 headers=headers, timeout=10)
-            sent += 1
-            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-            where = (f"{case.method} {case.formatted_path} query={case.query!r} "
-                     f"token={with_token} -> {response.status_code}")
-            checks = list(SCHEMA_CHECKS)
-            if mode is GenerationMode.NEGATIVE:
-                checks.append(oas.negative_data_rejection)
-            try:
-                case.validate_response(response, checks=checks)
-            except (AssertionError, BaseExceptionGroup) as exc:
-                failures.append(f"{where}: {exc}")
-            if response.status_code >= 500:
-                failures.append(f"{where}: server error {response.text[:200]}")
-            protected = path not in OPEN_PATHS
-            if not with_token and protected and response.status_code != 401:
-                failures.append(f"{where}: answered without the token")
-            if with_token and response.status_code == 401:
-                failures.append(f"{where}: refused the right token")
-
-    run()
-    print(f"\n{label} [{mode.value}]: {sent} requests, statuses {dict(sorted(statuses.items()))}")
-    assert not failures, f"{len(failures)} bad responses, first ones:\n" + "\n".join(failures[:5])
+    run = fuzz_operation(schema[path][method].as_strategy(generation_mode=mode),
+                         base_url=token_exporter.url, authorize=_token_when_asked,
+                         protected=path not in OPEN_PATHS,
+                         negative=mode is GenerationMode.NEGATIVE, refused={401}, timeout=10)
+    print(f"\n{label} [{mode.value}]: {run.summary()}")
+    assert not run.failures, (f"{len(run.failures)} bad responses, first ones:\n"
+                              + "\n".join(run.failures[:5]))
     if _has_parameters(label):
-        assert sent >= 2 * CASES
+        assert run.sent >= 2 * CASES
     assert token_exporter.healthy()
 
 
@@ -389,7 +359,7 @@ def test_free_form(path: str, token_exporter: Server) -> None:
 def test_lookup_of_live_child_matches_schema(token_exporter: Server,
                                              schema: schemathesis.BaseSchema) -> None:
     """A real child found by pid: the full process object, valid against the document."""
-    child = spawn_sleeper("--password=hunter2")
+    child = spawn_python("--password=hunter2")
     try:
         case = schema["/process/{pid}"]["GET"].Case(path_parameters={"pid": child.pid})
         response = case.call(base_url=token_exporter.url, headers=BEARER, timeout=5)

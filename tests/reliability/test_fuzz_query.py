@@ -10,33 +10,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-import requests
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from reliability_testing import (
-    TOKEN,
-    Server,
-    assert_error_body,
-    new_api_key,
-    query_config,
-    raw_request,
-    spawn_sleeper,
-    start_query,
-)
+from reliability_testing import TOKEN, assert_error_body, new_api_key, query_config, raw_request
 from schemathesis import GenerationMode
-from schemathesis.specs.openapi import checks as oas
 
-from procfleet.testing import reap
+from procfleet.testing import Server, reap, spawn_python, start_query
+from procfleet.testing_fuzz import CASES, SCHEMA_CHECKS, fuzz_operation
 
-CASES = 500  # per operation and generation mode
-SCHEMA_CHECKS = [oas.status_code_conformance, oas.content_type_conformance,
-                 oas.response_schema_conformance, oas.response_headers_conformance]
-FUZZ_SETTINGS = settings(max_examples=CASES, derandomize=True, database=None, deadline=None,
-                         suppress_health_check=list(HealthCheck), print_blob=False,
-                         phases=[Phase.explicit, Phase.generate])
+AUTH_HEADERS = {"authorization", "x-api-key"}
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +77,18 @@ def test_schemathesis(schema: schemathesis.BaseSchema, query: Server, api_key: t
     answer as documented. Operations without parameters have one possible request."""
     method, path = label.split(" ", 1)
     operation = schema[path][method]
-    protected = _protected(label)
-    session = requests.Session()
-    failures: list[str] = []
-    statuses: dict[int, int] = {}
-    sent = 0
     key_headers = ({"X-API-Key": api_key[0]}, {"Authorization": f"Bearer {api_key[0]}"})
-    auth_names = {"authorization", "x-api-key"}
+
+    def authorize(case: schemathesis.Case, generated: dict[str, Any], with_key: bool,
+                  sent: int) -> None:
+        # schemathesis fills the security schemes' headers with generated (invalid) keys:
+        # without a key those stay (any invalid key must be a 401); with one, they go.
+        if with_key:
+            case.headers = {k: v for k, v in generated.items()
+                            if k.lower() not in AUTH_HEADERS}
+            case.headers.update(key_headers[sent // 2 % 2])
+        else:
+            case.headers = generated
 
     strategy = operation.as_strategy(generation_mode=mode)
     if "{hostname}" in path and mode is GenerationMode.POSITIVE:
@@ -108,44 +98,14 @@ def test_schemathesis(schema: schemathesis.BaseSchema, query: Server, api_key: t
             operation.as_strategy(generation_mode=mode, path_parameters={"hostname": target})
             for target in ("rel-token", "_all", "_any")))
 
-    @FUZZ_SETTINGS
-    @given(case=strategy)
-    def run(case: schemathesis.Case) -> None:
-        nonlocal sent
-        # schemathesis fills the security schemes' headers with generated (invalid) keys:
-        # without a key those stay (any invalid key must be a 401); with one, they go.
-        generated = dict(case.headers or {})
-        for with_key in (True, False):
-            if with_key:
-                case.headers = {k: v for k, v in generated.items()
-                                if k.lower() not in auth_names}
-                case.headers.update(key_headers[sent // 2 % 2])
-            else:
-                case.headers = generated
-            response = case.call(base_url=query.url, session=session, timeout=15)
-            sent += 1
-            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-            where = (f"{case.method} {case.formatted_path} query={case.query!r} "
-                     f"key={with_key} -> {response.status_code}")
-            checks = list(SCHEMA_CHECKS)
-            if mode is GenerationMode.NEGATIVE:
-                checks.append(oas.negative_data_rejection)
-            try:
-                case.validate_response(response, checks=checks)
-            except (AssertionError, BaseExceptionGroup) as exc:
-                failures.append(f"{where}: {exc}")
-            if response.status_code >= 500:
-                failures.append(f"{where}: server error {response.text[:200]}")
-            if not with_key and protected and response.status_code != 401:
-                failures.append(f"{where}: answered without a key")
-            if with_key and response.status_code in (401, 403):
-                failures.append(f"{where}: refused a valid key")
-
-    run()
-    print(f"\n{label} [{mode.value}]: {sent} requests, statuses {dict(sorted(statuses.items()))}")
-    assert not failures, f"{len(failures)} bad responses, first ones:\n" + "\n".join(failures[:5])
+    run = fuzz_operation(strategy, base_url=query.url, authorize=authorize,
+                         protected=_protected(label), negative=mode is GenerationMode.NEGATIVE,
+                         refused={401, 403}, timeout=15)
+    print(f"\n{label} [{mode.value}]: {run.summary()}")
+    assert not run.failures, (f"{len(run.failures)} bad responses, first ones:\n"
+                              + "\n".join(run.failures[:5]))
     if _document()["paths"][path][method.lower()].get("parameters"):
-        assert sent >= 2 * CASES
+        assert run.sent >= 2 * CASES
     assert query.healthy()
 
 
@@ -256,7 +216,7 @@ def test_key_headers(what: str, make, accepted: bool, query: Server,
 def test_lookup_through_both_exporters(query: Server, api_key: tuple[str, str],
                                        schema: schemathesis.BaseSchema) -> None:
     """A real child, found by both exporters (one via its token): valid against the document."""
-    child = spawn_sleeper("--password=hunter2")
+    child = spawn_python("--password=hunter2")
     try:
         case = schema["/node/{hostname}/process/{pid}"]["GET"].Case(
             path_parameters={"hostname": "_all", "pid": child.pid})

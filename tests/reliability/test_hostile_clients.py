@@ -22,14 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from reliability_testing import (
-    EXPORTER,
-    QUERY,
-    assert_error_body,
-    query_config,
-    start_exporter,
-    start_query,
-)
+from reliability_testing import assert_error_body, query_config
 
 from procfleet.floods import (
     Trickle,
@@ -40,7 +33,15 @@ from procfleet.floods import (
     raise_open_files,
     socket_fd_numbers,
 )
-from procfleet.testing import Server, wait_until
+from procfleet.testing import (
+    EXPORTER,
+    QUERY,
+    Children,
+    Server,
+    start_exporter,
+    start_query,
+    wait_until,
+)
 
 IDLE = 1100  # connections: with the services' other files, fd numbers pass 1023
 
@@ -54,13 +55,8 @@ def open_files_limit() -> None:
 @pytest.fixture
 def sleepers() -> Iterator[list[int]]:
     """40 short-lived children whose pids the exporter can look up."""
-    procs = [subprocess.Popen(["sleep", "300"]) for _ in range(40)]
-    try:
-        yield [p.pid for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=10)
+    with Children() as children:
+        yield [children.spawn_argv(["sleep", "300"]).pid for _ in range(40)]
 
 
 def _alive(server: Server) -> bool:

@@ -24,9 +24,9 @@ from typing import Any
 import falcon.testing
 import pytest
 from hostile_exporter import HostileExporter
-from reliability_testing import query_config, start_exporter, start_query
+from reliability_testing import query_config
 
-from procfleet.testing import Server, wait_until
+from procfleet.testing import Server, start_exporter, start_query, wait_until
 from query.app import create_app
 from query.breaker import Guards
 from query.config import parse

@@ -17,21 +17,19 @@ from pathlib import Path
 
 import pytest
 import requests
-from reliability_testing import (
+from reliability_testing import TOKEN, TOKEN_SHA256, new_api_key, query_config, token_config
+
+from procfleet.testing import (
     EXPORTER,
     QUERY,
-    TOKEN,
-    TOKEN_SHA256,
     Server,
-    new_api_key,
-    query_config,
-    spawn_sleeper,
+    free_port,
+    reap,
+    spawn_python,
     start_exporter,
     start_query,
-    token_config,
+    wait_until,
 )
-
-from procfleet.testing import free_port, reap, wait_until
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 ERROR_KEYS = {"error", "details", "code"}
@@ -218,7 +216,7 @@ SECRET_ARGV = ["--password=hunter2", "PGPASSWORD=s3cr3tPG", "postgres://admin:pa
 
 @pytest.fixture(scope="module")
 def secret_child() -> Iterator[subprocess.Popen]:
-    child = spawn_sleeper(*SECRET_ARGV)
+    child = spawn_python(*SECRET_ARGV)
     yield child
     reap(child)
 
