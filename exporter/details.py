@@ -38,6 +38,8 @@ class DetailFiles(Protocol):
 
     def read(self, pid: int, name: str) -> bytes: ...
 
+    def read_table(self, pid: int, name: str) -> bytes: ...
+
     def readlink(self, pid: int, name: str) -> str: ...
 
     def listdir(self, pid: int, name: str) -> list[str]: ...
@@ -244,7 +246,7 @@ def sockets(files: DetailFiles, pid: int) -> Details:
     if inodes:
         for proto in ("tcp", "tcp6", "udp", "udp6"):
             try:
-                table = files.read(pid, f"net/{proto}")
+                table = files.read_table(pid, f"net/{proto}")
             except FileNotFoundError:
                 continue  # no IPv6 in this kernel
             for kind, address, port, state in parse_net(table, inodes, proto):
@@ -291,7 +293,9 @@ def children(files: DetailFiles, pid: int, *, generations: int = 1) -> Details:
             try:
                 kids = _direct_children(files, parent)
             except OSError:
-                continue  # exited since listed
+                if parent == pid:
+                    raise  # the process's own children unreadable: the group is left out
+                continue  # a descendant exited since listed
             for kid in kids:
                 if len(found) >= CHILDREN_MAX:
                     truncated = True

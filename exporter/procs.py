@@ -375,6 +375,22 @@ class ProcDir:
     def exists(self, pid: int) -> bool:
         return os.path.exists(f"{self.root}/{pid}")
 
+    def read_table(self, pid: int, name: str, limit: int = 8 << 20) -> bytes:
+        """/proc/PID/NAME read to its end (at most `limit` bytes): seq_file tables such as
+        net/tcp give a page or so per read, so a short read is not their end."""
+        fd = os.open(f"{self.root}/{pid}/{name}", os.O_RDONLY)
+        try:
+            chunks, size = [], 0
+            while size < limit:
+                more = os.read(fd, min(limit - size, 1 << 16))
+                if not more:
+                    break
+                chunks.append(more)
+                size += len(more)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
     def readlink(self, pid: int, name: str) -> str:
         """The target of the link /proc/PID/NAME (exe, cwd, fd/N)."""
         return os.readlink(f"{self.root}/{pid}/{name}")
