@@ -131,19 +131,24 @@ def test_interval_from_the_file_and_the_flag() -> None:
 
 # -- accuracy on real children ----------------------------------------------------------------
 
-# Burns CPU in 10 ms slices whenever it is behind half the wall time since it started, else
-# sleeps 10 ms: a 50% duty cycle that catches up after the scheduler made it wait.
+# Burns CPU in 10 ms slices whenever it is behind DUTY of the wall time since it started, else
+# sleeps 10 ms: a known duty cycle that catches up after the scheduler made it wait.
 DUTY_CYCLE = """
-import time
+import sys, time
+duty = float(sys.argv[1]) / 100
 start_wall, start_cpu = time.monotonic(), time.process_time()
 while True:
-    if time.process_time() - start_cpu < 0.5 * (time.monotonic() - start_wall):
+    if time.process_time() - start_cpu < duty * (time.monotonic() - start_wall):
         until = time.process_time() + 0.010
         while time.process_time() < until:
             pass
     else:
         time.sleep(0.010)
 """
+# The issue's example is 50%; on this 2-core machine shared by ~8 sessions a process gets about
+# a quarter of a core (autogroup scheduling: nice does not help across sessions), so the child
+# could not run at 50% and the test would measure the load, not the sampler. 25% it can run.
+DUTY_PERCENT = 25
 
 # Appends 64 KiB to a new file every 1/64 s on an absolute schedule: 4 MiB/s of fresh pages.
 WRITER = """
@@ -179,20 +184,20 @@ def _start_ticks(pid: int) -> int:
     return int(stat[stat.rfind(b")") + 2:].split()[19])
 
 
-def test_a_half_busy_child_reads_50_percent(children) -> None:
-    child = children.spawn(code=DUTY_CYCLE)
+def test_a_duty_cycle_child_reads_its_duty(children) -> None:
+    child = children.spawn(str(DUTY_PERCENT), code=DUTY_CYCLE)
     proc = psutil.Process(child.pid)
     sampler = RateSampler(ProcfsReader(), interval=2.0, background=False)
-    # On a loaded machine the child may not get its half of a core in every window: the
-    # sampler must agree with psutil in each window, and read 50 +- 10 once the child did.
+    # On a loaded machine the child may not get its share in every window: the sampler must
+    # agree with psutil in each window, and read the duty +- 10 once the child ran it.
     seen = []
     for _ in range(10):
         recent, truth = _window(sampler, proc, 2.0)
         assert recent == pytest.approx(truth, abs=3)
         seen.append(recent)
-        if abs(truth - 50) <= 5:
+        if abs(truth - DUTY_PERCENT) <= 5:
             break
-    assert abs(seen[-1] - 50) <= 10, seen
+    assert abs(seen[-1] - DUTY_PERCENT) <= 10, seen
 
 
 def test_a_writing_child_reads_its_bytes_per_second(children, tmp_path: Path) -> None:
