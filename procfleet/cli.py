@@ -37,12 +37,17 @@ EXIT_NOT_FOUND = 1
 EXIT_USAGE = 2
 EXIT_SERVICE = 3
 
-COLUMNS = ("HOST", "PID", "NAME", "USER", "STATE", "CPU%", "MEM%", "RSS", "STARTED", "COMMAND")
-# The process field each column after HOST shows; a test keeps it equal to PROCESS_FIELDS.
+COLUMNS = ("HOST", "PID", "NAME", "USER", "STATE", "CPU%", "NOW%", "MEM%", "RSS", "READ/s",
+           "WRITE/s", "STARTED", "COMMAND")
+# The process field each column after HOST shows; a test keeps it equal to PROCESS_FIELDS
+# (but window_seconds: the exporter's rate interval, the same on every row of a host).
+# CPU% is over the process's life, NOW% over the last window; blank where not measured yet.
 COLUMN_FIELDS = {"PID": "pid", "NAME": "name", "USER": "user", "STATE": "state",
-                 "CPU%": "cpu_percent", "MEM%": "mem_percent", "RSS": "mem_rss",
-                 "STARTED": "start_time", "COMMAND": "command"}
-_RIGHT_ALIGNED = frozenset({"PID", "CPU%", "MEM%", "RSS"})
+                 "CPU%": "cpu_percent", "NOW%": "cpu_percent_recent", "MEM%": "mem_percent",
+                 "RSS": "mem_rss", "READ/s": "read_bytes_per_second",
+                 "WRITE/s": "write_bytes_per_second", "STARTED": "start_time",
+                 "COMMAND": "command"}
+_RIGHT_ALIGNED = frozenset({"PID", "CPU%", "NOW%", "MEM%", "RSS", "READ/s", "WRITE/s"})
 
 EPILOG = f"""\
 targets:
@@ -347,9 +352,10 @@ def table_row(row: Mapping[str, Any]) -> tuple[str, ...]:
     field = COLUMN_FIELDS
     return (_text(row["host"]), _text(row.get(field["PID"])), _text(row.get(field["NAME"])),
             _text(row.get(field["USER"])), _text(row.get(field["STATE"])),
-            _percent(row.get(field["CPU%"])), _percent(row.get(field["MEM%"])),
-            human_bytes(row.get(field["RSS"])), _started(row.get(field["STARTED"])),
-            _text(command))
+            _percent(row.get(field["CPU%"])), _percent(row.get(field["NOW%"])),
+            _percent(row.get(field["MEM%"])), human_bytes(row.get(field["RSS"])),
+            human_bytes(row.get(field["READ/s"])), human_bytes(row.get(field["WRITE/s"])),
+            _started(row.get(field["STARTED"])), _text(command))
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], width: int | None = None) -> list[str]:
