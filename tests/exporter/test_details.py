@@ -15,7 +15,16 @@ import pytest
 
 from exporter.app import create_app
 from exporter.config import Config, from_mapping
-from exporter.details import CHILDREN_MAX, parse_cgroup, read_details
+from exporter.details import (
+    CHILDREN_MAX,
+    _socket_fds,
+    _sockets_by_diag,
+    _sockets_by_pidfd,
+    _sockets_by_proc,
+    parse_cgroup,
+    read_details,
+)
+from exporter.procs import ProcDir
 from procfleet.params import EXPAND_NAMES
 from procfleet.process import DETAIL_FIELDS, EXPAND_GROUPS, SEED_FIELDS
 from procfleet.testing import wait_until
@@ -144,6 +153,18 @@ def test_connections_are_counted_by_state(rich_child) -> None:
     assert body["connections"] == by_state == {"established": 2}
     assert body["listening"] == [{"proto": "tcp", "address": "127.0.0.1", "port": port}]
     assert "ppid" not in body  # only the group asked for
+
+
+def test_the_three_ways_of_reading_sockets_agree(rich_child) -> None:
+    """pidfd_getfd (the fast path), sock_diag and /proc/PID/net tables (the fallbacks)."""
+    proc, port, _ = rich_child
+    files = ProcDir()
+    fds = _socket_fds(files, proc.pid)
+    inodes = set(fds.values())
+    by_pidfd = sorted(_sockets_by_pidfd(proc.pid, fds))
+    assert by_pidfd == sorted(_sockets_by_diag(inodes))
+    assert by_pidfd == sorted(_sockets_by_proc(files, proc.pid, inodes))
+    assert ("tcp", "127.0.0.1", port, 10) in by_pidfd and len(by_pidfd) == 3
 
 
 def test_environ_is_masked_and_only_when_enabled(rich_child) -> None:
