@@ -103,9 +103,9 @@ def test_get_prints_an_aligned_row_for_the_child(service: dict[str, str],
     assert cells[:2] == ["itest-0", str(child.pid)]
     assert cells[3] == pwd.getpwuid(os.getuid()).pw_name  # the user running the tests
     assert cells[4] in ("sleep", "running")
-    assert re.fullmatch(r"\d+(\.\d)?[BKMGT]", cells[7]), cells[7]  # RSS in human units
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d", cells[8]) and re.fullmatch(r"\d\d:\d\d:\d\d",
-                                                                       cells[9])
+    assert re.fullmatch(r"\d+(\.\d)?[BKMGT]", cells[8]), cells[8]  # RSS in human units
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", cells[11]) and re.fullmatch(r"\d\d:\d\d:\d\d",
+                                                                        cells[12])
     assert f"procfleet-itest-{groups.idle}" in rows[0]
     # The child's argv holds newlines: shown escaped, the process stays on one line.
     assert "time.sleep(0.2)\\n" in rows[0]
@@ -201,7 +201,9 @@ def test_json_prints_the_service_body(service: dict[str, str], tagged_children: 
     assert result["hostname"] == "itest-0" and result["status"] == "ok"
     assert result["process"]["pid"] == child.pid
     assert set(result["process"]) <= {"pid", "name", "user", "state", "cpu_percent",
-                                      "mem_percent", "mem_rss", "command", "start_time"}
+                                      "mem_percent", "mem_rss", "command", "start_time",
+                                      "cpu_percent_recent", "read_bytes_per_second",
+                                      "write_bytes_per_second", "window_seconds"}
 
 
 def test_json_of_an_error_prints_the_error_body_and_fails(service: dict[str, str]) -> None:
@@ -340,7 +342,7 @@ def test_help_documents_targets_environment_and_exit_status() -> None:
                  "_all", "group:web", "3  the query service failed"):
         assert text in run.out, text
     ps_help = procfleet("ps", "--help").out
-    for text in ("--name", "--user", "--sort", "{cpu,mem,rss,start}", "--limit", "--url"):
+    for text in ("--name", "--user", "--sort", "{cpu,mem,rss,start,cpu_recent}", "--limit", "--url"):
         assert text in ps_help, text
 
 
@@ -357,8 +359,7 @@ def test_human_bytes(count: int | None, text: str) -> None:
 def test_table_cuts_the_command_to_the_width_and_marks_missing_fields() -> None:
     row = {"host": "h", "pid": 7, "name": "kworker/0:1", "command": ""}
     [header, line] = format_table([row], width=200)
-    assert line.split() == ["h", "7", "kworker/0:1", "-", "-", "-", "-", "-", "-",
-                            "[kworker/0:1]"]
+    assert line.split() == ["h", "7", "kworker/0:1", *["-"] * 9, "[kworker/0:1]"]
     long = {"host": "h", "pid": 7, "name": "x", "command": "y" * 500}
     assert all(len(text) <= 80 for text in format_table([long], width=80))
 
