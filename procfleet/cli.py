@@ -27,7 +27,17 @@ from typing import Any, NoReturn, TextIO
 from procfleet import __version__
 
 # Both are standard library only, so the client still installs anywhere Python does.
-from procfleet.params import SORT_KEYS, ParamError, check_limit, check_text
+from procfleet.params import (
+    EXPAND_NAMES,
+    SORT_KEYS,
+    TREE_MAX,
+    ParamError,
+    check_expand,
+    check_limit,
+    check_start_time,
+    check_text,
+    check_tree,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TIMEOUT = 10.0
@@ -135,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("target", metavar="TARGET",
                      help="a host name, _any, _all, or label selectors like group:web")
     get.add_argument("pid", metavar="PID", help="a process id (1 to 2147483647)")
+    # Sent as typed: `all` stays `all`, which the service narrows to what the key may see.
+    get.add_argument("--expand", metavar="GROUPS",
+                     type=_checked(lambda text: check_expand(text) and text),
+                     help="add groups and print a detail view per host: comma-separated "
+                          f"{','.join(EXPAND_NAMES)}, or all")
+    get.add_argument("--tree", metavar="N", type=_checked(check_tree),
+                     help=f"with --expand children: generations of descendants, 1 to {TREE_MAX}")
+    get.add_argument("--start-time", metavar="RFC3339", dest="start_time",
+                     type=_checked(lambda text: check_start_time(text) and text),
+                     help="only the process started at this time (as start_time shows it): "
+                          "a reused pid is then not found")
 
     ps = commands.add_parser(
         "ps", parents=[common],
@@ -149,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--user", metavar="USER", type=_checked(check_text, "user"),
                     help="only processes of this user")
     ps.add_argument("--sort", choices=SORT_KEYS,
-                    help="largest first: cpu, mem (percent), rss, or start (newest first)")
+                    help="largest first: cpu (over the process's life), cpu_recent (over the "
+                         "exporters' last window: a real top), mem (percent), rss, or start "
+                         "(newest first)")
     ps.add_argument("--limit", type=_checked(check_limit), metavar="N",
                     help="at most N processes per host (a top-N with --sort)")
     return parser
@@ -173,7 +196,12 @@ def request_path(args: argparse.Namespace) -> str:
     """The path and query string of the call `args` asks for."""
     target = urllib.parse.quote(args.target, safe=":,_-.")
     if args.command == "get":
-        return f"/node/{target}/process/{urllib.parse.quote(args.pid, safe='')}"
+        path = f"/node/{target}/process/{urllib.parse.quote(args.pid, safe='')}"
+        options = {"expand": args.expand,
+                   "tree": None if args.tree is None else str(args.tree),
+                   "start_time": args.start_time}
+        query = urllib.parse.urlencode({k: v for k, v in options.items() if v is not None})
+        return path + (f"?{query}" if query else "")
     params = {k: getattr(args, k) for k in ("name", "user", "sort", "limit")
               if getattr(args, k) is not None}
     query = urllib.parse.urlencode(params)
@@ -373,12 +401,53 @@ def format_table(rows: Sequence[Mapping[str, Any]], width: int | None = None) ->
     return lines
 
 
+def _limit(value: Any) -> str:
+    return "unlimited" if value is None else _text(value)
+
+
+def _detail_value(name: str, value: Any) -> list[str]:
+    """One field of the detail view as lines (nested groups spread over several)."""
+    if name == "listening":
+        return [f"{_text(s.get('proto'))} {_text(s.get('address'))}:{_text(s.get('port'))}"
+                for s in value if isinstance(s, dict)] or ["-"]
+    if name == "children":
+        return [f"{_text(c.get('pid'))} {_text(c.get('name'))} (parent {_text(c.get('ppid'))})"
+                for c in value if isinstance(c, dict)] or ["-"]
+    if name == "limits" and isinstance(value, dict):
+        return [f"{_text(k)}: soft {_limit(v.get('soft'))}, hard {_limit(v.get('hard'))}"
+                for k, v in value.items() if isinstance(v, dict)]
+    if isinstance(value, dict):
+        return [f"{_text(k)}={_text(v)}" for k, v in value.items()] or ["-"]
+    if name in ("mem_rss", "vms", "swap", "read_bytes", "write_bytes",
+                "read_bytes_per_second", "write_bytes_per_second"):
+        suffix = "/s" if name.endswith("per_second") else ""
+        return [f"{human_bytes(value)}{suffix} ({_text(value)})"]
+    return [_text(value)]
+
+
+def detail_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The `get --expand` view: per host, one `field: value` line per field (not a table)."""
+    lines: list[str] = []
+    for row in rows:
+        if lines:
+            lines.append("")
+        lines.append(f"{_text(row.get('host'))}  pid {_text(row.get('pid'))}")
+        width = max(len(k) for k in row)
+        for name, value in row.items():
+            if name in ("host", "pid"):
+                continue
+            values = _detail_value(name, value)
+            lines.append(f"  {name:<{width}}  {values[0] if values else '-'}")
+            lines += [f"  {'':<{width}}  {more}" for more in values[1:]]
+    return lines
+
+
 def print_results(results: Sequence[Mapping[str, Any]], field: str, *, out: TextIO,
-                  width: int | None) -> int:
+                  width: int | None, detail: bool = False) -> int:
     """Print the table and the failed/skipped lines; the exit status they imply."""
     rows = rows_of(results, field)
     if rows:
-        for line in format_table(rows, width):
+        for line in (detail_lines(rows) if detail else format_table(rows, width)):
             print(line, file=out)
     for line in problem_lines(results):
         print(line, file=out)
@@ -428,7 +497,8 @@ def run(argv: Sequence[str], *, out: TextIO, environ: Mapping[str, str]) -> int:
         status = EXIT_OK if rows_of(results, field) else EXIT_NOT_FOUND
     else:
         width = None if wide or not out.isatty() else shutil.get_terminal_size().columns
-        status = print_results(results, field, out=out, width=width)
+        status = print_results(results, field, out=out, width=width,
+                               detail=bool(getattr(args, "expand", None)))
     if status == EXIT_NOT_FOUND:
         raise CliError(nothing_found_message(args, results), EXIT_NOT_FOUND)
     return status

@@ -342,7 +342,8 @@ def test_help_documents_targets_environment_and_exit_status() -> None:
                  "_all", "group:web", "3  the query service failed"):
         assert text in run.out, text
     ps_help = procfleet("ps", "--help").out
-    for text in ("--name", "--user", "--sort", "{cpu,mem,rss,start,cpu_recent}", "--limit", "--url"):
+    for text in ("--name", "--user", "--sort", "{cpu,mem,rss,start,cpu_recent}", "--limit",
+                 "--url"):
         assert text in ps_help, text
 
 
