@@ -2,6 +2,7 @@
 
     procfleet get TARGET PID
     procfleet ps TARGET [--name NAME] [--user USER] [--sort cpu|mem|rss|start] [--limit N]
+    procfleet top TARGET [--limit N] [--interval S]
 
 It calls `GET /node/{target}/process/{pid}` or `GET /node/{target}/process` and prints one
 aligned table with a row per process, grouped by host, then a line per host that failed or
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -81,6 +83,8 @@ exit status:
 examples:
   procfleet get web-01 1234
   procfleet ps group:web --name 'nginx*' --sort cpu --limit 5
+  procfleet get web-01 1234 --expand all
+  procfleet top group:web --limit 20
   PROCFLEET_URL=https://procfleet.example.net procfleet --json get _all 1 | jq .
 """
 
@@ -175,7 +179,79 @@ def build_parser() -> argparse.ArgumentParser:
                          "(newest first)")
     ps.add_argument("--limit", type=_checked(check_limit), metavar="N",
                     help="at most N processes per host (a top-N with --sort)")
+    top = commands.add_parser(
+        "top", parents=[common],
+        help="the busiest processes on the targeted hosts, refreshed in place",
+        description="The processes using the most CPU over the exporters' last window "
+                    "(cpu_percent_recent) on every host TARGET selects, redrawn every "
+                    "interval on a terminal and printed once when piped. Ctrl-C exits.",
+        epilog="exit status: 0, 2 usage, 3 service error")
+    top.add_argument("target", metavar="TARGET",
+                     help="a host name, _any, _all, or label selectors like group:web")
+    top.add_argument("--limit", type=_checked(check_limit), default=10, metavar="N",
+                     help="processes shown, busiest first, over all hosts (default 10)")
+    top.add_argument("--interval", type=_interval, default=2.0, metavar="S",
+                     help="seconds between refreshes, 0.5 to 3600 (default 2)")
     return parser
+
+
+TOP_COLUMNS = ("HOST", "PID", "USER", "NOW%", "RSS", "READ/s", "WRITE/s", "COMMAND")
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.5 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be seconds from 0.5 to 3600, got {text!r}")
+    return value
+
+
+def top_lines(rows: Sequence[Mapping[str, Any]], limit: int, width: int | None) -> list[str]:
+    """The busiest `limit` of `rows` (all hosts together) by cpu_percent_recent, aligned."""
+    busiest = sorted(rows, key=lambda r: -(r.get("cpu_percent_recent") or 0.0))[:limit]
+    cells = [TOP_COLUMNS, *((
+        _text(r.get("host")), _text(r.get("pid")), _text(r.get("user")),
+        _percent(r.get("cpu_percent_recent")), human_bytes(r.get("mem_rss")),
+        human_bytes(r.get("read_bytes_per_second")), human_bytes(r.get("write_bytes_per_second")),
+        _text(r.get("command") or (f"[{r['name']}]" if r.get("name") else None)))
+        for r in busiest)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(TOP_COLUMNS) - 1)]
+    lines = []
+    for line in cells:
+        text = "  ".join([*(cell.rjust(w) if name not in ("HOST", "USER") else cell.ljust(w)
+                           for name, cell, w in zip(TOP_COLUMNS, line, widths, strict=False)),
+                          line[-1]])
+        if width and len(text) > width:
+            text = text[: max(width - 1, 0)] + "…"
+        lines.append(text.rstrip())
+    return lines
+
+
+def run_top(args: argparse.Namespace, base_url: str, key: str | None, timeout: float,
+            out: TextIO) -> int:
+    """`procfleet top`: redraw in place on a TTY until Ctrl-C; once when piped."""
+    target = urllib.parse.quote(args.target, safe=":,_-.")
+    path = f"/node/{target}/process?" + urllib.parse.urlencode(
+        {"sort": "cpu_recent", "limit": str(args.limit)})
+    tty = out.isatty()
+    try:
+        while True:
+            results = check_reply(call_service(base_url, path, key=key, timeout=timeout),
+                                  base_url)
+            width = shutil.get_terminal_size().columns if tty else None
+            lines = top_lines(rows_of(results, "processes"), args.limit, width)
+            lines += problem_lines(results)
+            if tty:
+                out.write("\x1b[H\x1b[2J")  # home and clear: redraw in place
+            out.write("\n".join(lines) + "\n")
+            out.flush()
+            if not tty:
+                return EXIT_OK
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def _checked(check: Callable[..., Any], *names: str) -> Callable[[str], Any]:
@@ -488,6 +564,8 @@ def run(argv: Sequence[str], *, out: TextIO, environ: Mapping[str, str]) -> int:
     if not timeout > 0:
         raise CliError("--timeout must be more than 0 seconds", EXIT_USAGE)
 
+    if args.command == "top":
+        return run_top(args, base_url, key, timeout, out)
     reply = call_service(base_url, request_path(args), key=key, timeout=timeout)
     if as_json and reply.data is not None:
         out.write(visible_json(reply.body.decode("utf-8", errors="replace").rstrip("\n")) + "\n")

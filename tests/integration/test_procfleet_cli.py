@@ -374,3 +374,67 @@ def test_a_200_that_is_not_the_documented_shape_is_a_service_error() -> None:
         check_reply(Reply(502, b"<html>bad gateway</html>", None), "http://q")
     assert caught.value.status == 3
     assert "HTTP 502 without the documented error JSON" in caught.value.message
+
+
+# -- top (issue 10) ---------------------------------------------------------------------------
+
+def test_top_piped_prints_the_busiest_once(service: dict[str, str]) -> None:
+    from procfleet.cli import TOP_COLUMNS
+
+    run = procfleet("top", "_all", "--limit", "3", "--interval", "0.5", **service)
+    assert run.status == 0, run.err
+    lines = run.out.splitlines()
+    assert lines[0].split() == list(TOP_COLUMNS)
+    rows = [line for line in lines[1:] if not re.match(r"^\S+: (failed|skipped): ", line)]
+    assert 1 <= len(rows) <= 3
+    assert "\x1b[" not in run.out  # piped: no redraw codes
+
+
+def test_top_orders_every_host_by_recent_cpu() -> None:
+    from procfleet.cli import top_lines
+
+    rows = [{"host": "a", "pid": 1, "cpu_percent_recent": 5.0, "command": "x"},
+            {"host": "b", "pid": 2, "cpu_percent_recent": 150.0, "command": "y"},
+            {"host": "a", "pid": 3, "command": "young"},  # no window yet: idle
+            {"host": "b", "pid": 4, "cpu_percent_recent": 20.0, "command": "z"}]
+    lines = top_lines(rows, 3, None)
+    assert [line.split()[1] for line in lines[1:]] == ["2", "4", "1"]
+
+
+def test_top_on_a_terminal_redraws_until_ctrl_c(service: dict[str, str]) -> None:
+    import pty
+    import select
+    import signal
+    import subprocess
+    import time
+
+    leader, follower = pty.openpty()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PROCFLEET_")}
+    environ.update(PROCFLEET_URL=service["url"], PROCFLEET_API_KEY=service["key"])
+    exe = os.path.join(os.path.dirname(sys.executable), "procfleet")
+    proc = subprocess.Popen([exe, "top", "_all", "--interval", "0.5"], stdin=follower,
+                            stdout=follower, stderr=follower, env=environ)
+    os.close(follower)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while seen.count(b"\x1b[H\x1b[2J") < 2 and time.monotonic() < deadline:
+            if select.select([leader], [], [], 1.0)[0]:
+                seen += os.read(leader, 65536)
+        assert seen.count(b"\x1b[H\x1b[2J") >= 2, seen[-500:]  # redrawn in place
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        while select.select([leader], [], [], 0)[0]:
+            try:
+                more = os.read(leader, 65536)
+            except OSError:
+                break
+            if not more:
+                break
+            seen += more
+        os.close(leader)
+    assert b"Traceback" not in seen
