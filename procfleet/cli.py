@@ -3,6 +3,7 @@
     procfleet get TARGET PID
     procfleet ps TARGET [--name NAME] [--user USER] [--sort cpu|mem|rss|start] [--limit N]
     procfleet kill TARGET PID [--signal TERM] [--dry-run] [--batch 10%] [--yes]
+    procfleet top TARGET [--limit N] [--interval S]
 
 It calls `GET /node/{target}/process/{pid}` or `GET /node/{target}/process` and prints one
 aligned table with a row per process, grouped by host, then a line per host that failed or
@@ -17,6 +18,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,7 +30,17 @@ from typing import Any, NoReturn, TextIO
 from procfleet import __version__
 
 # Both are standard library only, so the client still installs anywhere Python does.
-from procfleet.params import SORT_KEYS, ParamError, check_limit, check_text
+from procfleet.params import (
+    EXPAND_NAMES,
+    SORT_KEYS,
+    TREE_MAX,
+    ParamError,
+    check_expand,
+    check_limit,
+    check_start_time,
+    check_text,
+    check_tree,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TIMEOUT = 10.0
@@ -38,12 +50,17 @@ EXIT_NOT_FOUND = 1
 EXIT_USAGE = 2
 EXIT_SERVICE = 3
 
-COLUMNS = ("HOST", "PID", "NAME", "USER", "STATE", "CPU%", "MEM%", "RSS", "STARTED", "COMMAND")
-# The process field each column after HOST shows; a test keeps it equal to PROCESS_FIELDS.
+COLUMNS = ("HOST", "PID", "NAME", "USER", "STATE", "CPU%", "NOW%", "MEM%", "RSS", "READ/s",
+           "WRITE/s", "STARTED", "COMMAND")
+# The process field each column after HOST shows; a test keeps it equal to PROCESS_FIELDS
+# (but window_seconds: the exporter's rate interval, the same on every row of a host).
+# CPU% is over the process's life, NOW% over the last window; blank where not measured yet.
 COLUMN_FIELDS = {"PID": "pid", "NAME": "name", "USER": "user", "STATE": "state",
-                 "CPU%": "cpu_percent", "MEM%": "mem_percent", "RSS": "mem_rss",
-                 "STARTED": "start_time", "COMMAND": "command"}
-_RIGHT_ALIGNED = frozenset({"PID", "CPU%", "MEM%", "RSS"})
+                 "CPU%": "cpu_percent", "NOW%": "cpu_percent_recent", "MEM%": "mem_percent",
+                 "RSS": "mem_rss", "READ/s": "read_bytes_per_second",
+                 "WRITE/s": "write_bytes_per_second", "STARTED": "start_time",
+                 "COMMAND": "command"}
+_RIGHT_ALIGNED = frozenset({"PID", "CPU%", "NOW%", "MEM%", "RSS", "READ/s", "WRITE/s"})
 
 EPILOG = f"""\
 targets:
@@ -67,6 +84,8 @@ exit status:
 examples:
   procfleet get web-01 1234
   procfleet ps group:web --name 'nginx*' --sort cpu --limit 5
+  procfleet get web-01 1234 --expand all
+  procfleet top group:web --limit 20
   PROCFLEET_URL=https://procfleet.example.net procfleet --json get _all 1 | jq .
 """
 
@@ -131,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("target", metavar="TARGET",
                      help="a host name, _any, _all, or label selectors like group:web")
     get.add_argument("pid", metavar="PID", help="a process id (1 to 2147483647)")
+    # Sent as typed: `all` stays `all`, which the service narrows to what the key may see.
+    get.add_argument("--expand", metavar="GROUPS",
+                     type=_checked(lambda text: check_expand(text) and text),
+                     help="add groups and print a detail view per host: comma-separated "
+                          f"{','.join(EXPAND_NAMES)}, or all")
+    get.add_argument("--tree", metavar="N", type=_checked(check_tree),
+                     help=f"with --expand children: generations of descendants, 1 to {TREE_MAX}")
+    get.add_argument("--start-time", metavar="RFC3339", dest="start_time",
+                     type=_checked(lambda text: check_start_time(text) and text),
+                     help="only the process started at this time (as start_time shows it): "
+                          "a reused pid is then not found")
 
     ps = commands.add_parser(
         "ps", parents=[common],
@@ -145,11 +175,85 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--user", metavar="USER", type=_checked(check_text, "user"),
                     help="only processes of this user")
     ps.add_argument("--sort", choices=SORT_KEYS,
-                    help="largest first: cpu, mem (percent), rss, or start (newest first)")
+                    help="largest first: cpu (over the process's life), cpu_recent (over the "
+                         "exporters' last window: a real top), mem (percent), rss, or start "
+                         "(newest first)")
     ps.add_argument("--limit", type=_checked(check_limit), metavar="N",
                     help="at most N processes per host (a top-N with --sort)")
     add_kill_command(commands, common)
+    top = commands.add_parser(
+        "top", parents=[common],
+        help="the busiest processes on the targeted hosts, refreshed in place",
+        description="The processes using the most CPU over the exporters' last window "
+                    "(cpu_percent_recent) on every host TARGET selects, redrawn every "
+                    "interval on a terminal and printed once when piped. Ctrl-C exits.",
+        epilog="exit status: 0, 2 usage, 3 service error")
+    top.add_argument("target", metavar="TARGET",
+                     help="a host name, _any, _all, or label selectors like group:web")
+    top.add_argument("--limit", type=_checked(check_limit), default=10, metavar="N",
+                     help="processes shown, busiest first, over all hosts (default 10)")
+    top.add_argument("--interval", type=_interval, default=2.0, metavar="S",
+                     help="seconds between refreshes, 0.5 to 3600 (default 2)")
     return parser
+
+
+TOP_COLUMNS = ("HOST", "PID", "USER", "NOW%", "RSS", "READ/s", "WRITE/s", "COMMAND")
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.5 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be seconds from 0.5 to 3600, got {text!r}")
+    return value
+
+
+def top_lines(rows: Sequence[Mapping[str, Any]], limit: int, width: int | None) -> list[str]:
+    """The busiest `limit` of `rows` (all hosts together) by cpu_percent_recent, aligned."""
+    busiest = sorted(rows, key=lambda r: -(r.get("cpu_percent_recent") or 0.0))[:limit]
+    cells = [TOP_COLUMNS, *((
+        _text(r.get("host")), _text(r.get("pid")), _text(r.get("user")),
+        _percent(r.get("cpu_percent_recent")), human_bytes(r.get("mem_rss")),
+        human_bytes(r.get("read_bytes_per_second")), human_bytes(r.get("write_bytes_per_second")),
+        _text(r.get("command") or (f"[{r['name']}]" if r.get("name") else None)))
+        for r in busiest)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(TOP_COLUMNS) - 1)]
+    lines = []
+    for line in cells:
+        text = "  ".join([*(cell.rjust(w) if name not in ("HOST", "USER") else cell.ljust(w)
+                           for name, cell, w in zip(TOP_COLUMNS, line, widths, strict=False)),
+                          line[-1]])
+        if width and len(text) > width:
+            text = text[: max(width - 1, 0)] + "…"
+        lines.append(text.rstrip())
+    return lines
+
+
+def run_top(args: argparse.Namespace, base_url: str, key: str | None, timeout: float,
+            out: TextIO) -> int:
+    """`procfleet top`: redraw in place on a TTY until Ctrl-C; once when piped."""
+    target = urllib.parse.quote(args.target, safe=":,_-.")
+    path = f"/node/{target}/process?" + urllib.parse.urlencode(
+        {"sort": "cpu_recent", "limit": str(args.limit)})
+    tty = out.isatty()
+    try:
+        while True:
+            results = check_reply(call_service(base_url, path, key=key, timeout=timeout),
+                                  base_url)
+            width = shutil.get_terminal_size().columns if tty else None
+            lines = top_lines(rows_of(results, "processes"), args.limit, width)
+            lines += problem_lines(results)
+            if tty:
+                out.write("\x1b[H\x1b[2J")  # home and clear: redraw in place
+            out.write("\n".join(lines) + "\n")
+            out.flush()
+            if not tty:
+                return EXIT_OK
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def _checked(check: Callable[..., Any], *names: str) -> Callable[[str], Any]:
@@ -170,7 +274,12 @@ def request_path(args: argparse.Namespace) -> str:
     """The path and query string of the call `args` asks for."""
     target = urllib.parse.quote(args.target, safe=":,_-.")
     if args.command == "get":
-        return f"/node/{target}/process/{urllib.parse.quote(args.pid, safe='')}"
+        path = f"/node/{target}/process/{urllib.parse.quote(args.pid, safe='')}"
+        options = {"expand": args.expand,
+                   "tree": None if args.tree is None else str(args.tree),
+                   "start_time": args.start_time}
+        query = urllib.parse.urlencode({k: v for k, v in options.items() if v is not None})
+        return path + (f"?{query}" if query else "")
     params = {k: getattr(args, k) for k in ("name", "user", "sort", "limit")
               if getattr(args, k) is not None}
     query = urllib.parse.urlencode(params)
@@ -354,9 +463,10 @@ def table_row(row: Mapping[str, Any]) -> tuple[str, ...]:
     field = COLUMN_FIELDS
     return (_text(row["host"]), _text(row.get(field["PID"])), _text(row.get(field["NAME"])),
             _text(row.get(field["USER"])), _text(row.get(field["STATE"])),
-            _percent(row.get(field["CPU%"])), _percent(row.get(field["MEM%"])),
-            human_bytes(row.get(field["RSS"])), _started(row.get(field["STARTED"])),
-            _text(command))
+            _percent(row.get(field["CPU%"])), _percent(row.get(field["NOW%"])),
+            _percent(row.get(field["MEM%"])), human_bytes(row.get(field["RSS"])),
+            human_bytes(row.get(field["READ/s"])), human_bytes(row.get(field["WRITE/s"])),
+            _started(row.get(field["STARTED"])), _text(command))
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], width: int | None = None) -> list[str]:
@@ -374,12 +484,53 @@ def format_table(rows: Sequence[Mapping[str, Any]], width: int | None = None) ->
     return lines
 
 
+def _limit(value: Any) -> str:
+    return "unlimited" if value is None else _text(value)
+
+
+def _detail_value(name: str, value: Any) -> list[str]:
+    """One field of the detail view as lines (nested groups spread over several)."""
+    if name == "listening":
+        return [f"{_text(s.get('proto'))} {_text(s.get('address'))}:{_text(s.get('port'))}"
+                for s in value if isinstance(s, dict)] or ["-"]
+    if name == "children":
+        return [f"{_text(c.get('pid'))} {_text(c.get('name'))} (parent {_text(c.get('ppid'))})"
+                for c in value if isinstance(c, dict)] or ["-"]
+    if name == "limits" and isinstance(value, dict):
+        return [f"{_text(k)}: soft {_limit(v.get('soft'))}, hard {_limit(v.get('hard'))}"
+                for k, v in value.items() if isinstance(v, dict)]
+    if isinstance(value, dict):
+        return [f"{_text(k)}={_text(v)}" for k, v in value.items()] or ["-"]
+    if name in ("mem_rss", "vms", "swap", "read_bytes", "write_bytes",
+                "read_bytes_per_second", "write_bytes_per_second"):
+        suffix = "/s" if name.endswith("per_second") else ""
+        return [f"{human_bytes(value)}{suffix} ({_text(value)})"]
+    return [_text(value)]
+
+
+def detail_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The `get --expand` view: per host, one `field: value` line per field (not a table)."""
+    lines: list[str] = []
+    for row in rows:
+        if lines:
+            lines.append("")
+        lines.append(f"{_text(row.get('host'))}  pid {_text(row.get('pid'))}")
+        width = max(len(k) for k in row)
+        for name, value in row.items():
+            if name in ("host", "pid"):
+                continue
+            values = _detail_value(name, value)
+            lines.append(f"  {name:<{width}}  {values[0] if values else '-'}")
+            lines += [f"  {'':<{width}}  {more}" for more in values[1:]]
+    return lines
+
+
 def print_results(results: Sequence[Mapping[str, Any]], field: str, *, out: TextIO,
-                  width: int | None) -> int:
+                  width: int | None, detail: bool = False) -> int:
     """Print the table and the failed/skipped lines; the exit status they imply."""
     rows = rows_of(results, field)
     if rows:
-        for line in format_table(rows, width):
+        for line in (detail_lines(rows) if detail else format_table(rows, width)):
             print(line, file=out)
     for line in problem_lines(results):
         print(line, file=out)
@@ -423,6 +574,8 @@ def run(argv: Sequence[str], *, out: TextIO, environ: Mapping[str, str]) -> int:
     if args.command == "kill":
         return run_kill(args, base_url=base_url, key=key, timeout=timeout, out=out,
                         stdin=sys.stdin)
+    if args.command == "top":
+        return run_top(args, base_url, key, timeout, out)
     reply = call_service(base_url, request_path(args), key=key, timeout=timeout)
     if as_json and reply.data is not None:
         out.write(visible_json(reply.body.decode("utf-8", errors="replace").rstrip("\n")) + "\n")
@@ -432,7 +585,8 @@ def run(argv: Sequence[str], *, out: TextIO, environ: Mapping[str, str]) -> int:
         status = EXIT_OK if rows_of(results, field) else EXIT_NOT_FOUND
     else:
         width = None if wide or not out.isatty() else shutil.get_terminal_size().columns
-        status = print_results(results, field, out=out, width=width)
+        status = print_results(results, field, out=out, width=width,
+                               detail=bool(getattr(args, "expand", None)))
     if status == EXIT_NOT_FOUND:
         raise CliError(nothing_found_message(args, results), EXIT_NOT_FOUND)
     return status

@@ -19,12 +19,13 @@ import logging
 import random
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import falcon
 
 import procfleet
-from procfleet.params import LIST_PARAMS
+from procfleet.params import LIST_PARAMS, LOOKUP_PARAMS
 from procfleet.timefmt import rfc3339
 from procfleet.web import (
     App,
@@ -32,11 +33,12 @@ from procfleet.web import (
     error_body,
     install_error_handling,
     list_filters_or_400,
+    lookup_options_or_400,
     pid_or_400,
 )
 from query import metrics as query_metrics
 from query import openapi
-from query.auth import PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
+from query.auth import ENVIRON_PERMISSION, PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
 from query.config import Config
 from query.discovery import Discovery
 from query.fanout import Fanout
@@ -71,7 +73,7 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
                                       AuthMiddleware(authenticator), QueryParamRule()])
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handling(app, log)
-    app.add_route("/node/{hostname}/process/{pid}", ProcessResource(lookup))
+    app.add_route("/node/{hostname}/process/{pid}", ProcessResource(lookup, authenticator))
     app.add_route("/node/{hostname}/process/{pid}/signal",
                   SignalResource(SignalService(discovery, fanout, observer=metrics)))
     app.add_route("/node/{hostname}/process", ProcessListResource(lookup))
@@ -212,17 +214,34 @@ def _respond(req: falcon.Request, resp: falcon.Response, answer: Answer, field: 
 
 
 class ProcessResource:
-    """`GET /node/{hostname}/process/{pid}`: one process, per targeted exporter."""
+    """`GET /node/{hostname}/process/{pid}`: one process, per targeted exporter.
+
+    `?expand=`, `?tree=` and `?start_time=` are checked here by the exporters' own rule and
+    passed on; `environ` also needs the key's process:read-environ permission.
+    """
 
     permission = "process:read"
+    query_params = LOOKUP_PARAMS
 
-    def __init__(self, lookup: Lookup) -> None:
+    def __init__(self, lookup: Lookup, authenticator: Authenticator | None = None) -> None:
         self.lookup = lookup
+        self.authenticator = authenticator
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, hostname: str, pid: str
                ) -> None:
         target = _target_or_400(hostname)
-        answer = self.lookup.process(target, pid_or_400(pid))
+        number = pid_or_400(pid)
+        options = lookup_options_or_400(req)
+        if "environ" in options.expand and self.authenticator is not None:
+            try:
+                self.authenticator.check(req, ENVIRON_PERMISSION)
+            except falcon.HTTPForbidden:
+                if "environ" in (req.get_param("expand") or "").split(","):
+                    raise  # asked for by name
+                # `all` means every group this key may see.
+                options = replace(options, expand=tuple(
+                    g for g in options.expand if g != "environ"))
+        answer = self.lookup.process(target, number, options.to_params())
         _respond(req, resp, answer, "process")
 
 

@@ -47,7 +47,7 @@ from urllib.parse import urlencode
 
 import procfleet
 from procfleet.params import LIST_LIMIT_MAX
-from procfleet.process import NOT_FOUND_ERROR, PROCESS_FIELDS
+from procfleet.process import DETAIL_FIELDS, NOT_FOUND_ERROR, PROCESS_FIELDS
 from query import httpclient
 from query.breaker import Guards, Outcome
 from query.config import Config
@@ -70,7 +70,7 @@ NOT_FOUND_BODY_CAP = 64 * 1024  # an exporter's 404 error body is a few dozen by
 MAX_JSON_DEPTH = 32
 # JSON values one listed process may bring: its 9 fields and itself, plus room to grow. What
 # decoding costs is bounded by values (each at most ~70 bytes as Python objects), not bytes.
-VALUES_PER_PROCESS = 12
+VALUES_PER_PROCESS = 16  # 13 fields (issue 10 added four rates), and room for a few more
 # Request heads kept for reuse (exporter URL, token, path): more than one per exporter of the
 # largest fleet; past it they are all dropped and made again.
 MAX_KEPT_REQUESTS = 65_536
@@ -143,16 +143,33 @@ class Call:
         return f"{self.path}?{urlencode(self.params)}" if self.params else self.path
 
 
-def process_call(pid: int, max_body_bytes: int = 1024 * 1024) -> Call:
-    """`GET /process/{pid}`: a 404 "process not found" is a valid answer."""
+def process_call(pid: int, max_body_bytes: int = 1024 * 1024,
+                 params: Mapping[str, str] | None = None) -> Call:
+    """`GET /process/{pid}`: a 404 "process not found" is a valid answer.
+
+    `params` (expand, tree, start_time: procfleet.params.LookupOptions.to_params) are passed
+    through; the expanded groups' fields (procfleet.process.DETAIL_FIELDS) are kept when the
+    exporter answers them with their documented JSON types.
+    """
+    expanded = bool(params and "expand" in params)
 
     def decode(data: Any) -> dict[str, Any]:
         process = clean_process(data)
         if process["pid"] != pid:
             raise BadBody(f"exporter answered for pid {process['pid']} instead of {pid}")
+        if expanded:
+            for name, kinds in DETAIL_FIELDS.items():
+                value = data.get(name)
+                if value is None:
+                    continue
+                if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                    raise BadBody(f"exporter answered a process whose {name!r} is "
+                                  f"{type(value).__name__}")
+                process[name] = value
         return process
 
-    return Call(f"/process/{pid}", decode, max_body_bytes, not_found_is_answer=True)
+    return Call(f"/process/{pid}", decode, max_body_bytes, params=dict(params or {}),
+                not_found_is_answer=True)
 
 
 def list_call(filters: Mapping[str, str], max_body_bytes: int = 16 * 1024 * 1024,

@@ -60,9 +60,10 @@ class Lookup:
         self.observer = observer
         self._fleet: object = None
 
-    def process(self, target: Target, pid: int) -> Answer:
-        """`GET /node/{target}/process/{pid}`."""
-        call = process_call(pid, self.limits.max_body_bytes)
+    def process(self, target: Target, pid: int,
+                params: Mapping[str, str] | None = None) -> Answer:
+        """`GET /node/{target}/process/{pid}`; `params` (expand, tree, start_time) passed on."""
+        call = process_call(pid, self.limits.max_body_bytes, params)
         return self._run(target, call, f"pid {pid}")
 
     def processes(self, target: Target, filters: Mapping[str, str]) -> Answer:
