@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from exporter.info import to_info
 from exporter.masking import MaskCache
 from exporter.procs import ProcessError, Reader, UserNames
+from exporter.search import Search
 from procfleet.params import ListFilters
 from procfleet.process import ProcessInfo
 
@@ -50,12 +51,17 @@ class ProcessLookup:
         glob = query.name is not None and any(c in query.name for c in "*?[")
         found: list[ProcessInfo] = []
         pids = list(self.reader.pids())
+        # Issue 11's filters (cmdline, state, port, unit, ...): see exporter/search.py.
+        search = Search.of(query, getattr(self.reader, "root", "/proc")) \
+            if query.searching else None
         self.masks.prune(pids)
         self._pruned = time.monotonic()
         for pid in pids:
             try:
                 sample = self.reader.sample(pid)
             except ProcessError:  # gone since listed, or not ours to read
+                continue
+            if search is not None and not search.keeps_sample(sample):
                 continue
             info = to_info(sample, system=self.reader.system, user_name=self.user_names,
                            mask=self.masks.bind(sample.pid, sample.start_ticks), now=now)
@@ -64,6 +70,8 @@ class ProcessLookup:
                 if not (fnmatch.fnmatchcase(name, query.name) if glob else name == query.name):
                     continue
             if query.user is not None and info.user != query.user:
+                continue
+            if search is not None and not search.keeps_info(info):
                 continue
             found.append(info)
         if query.sort is not None:
