@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import io
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import pytest
 from aiohttp import web
 from query_testing import KNOWN_PID, PROCESS, exporter_entries, serve_aiohttp
 
+from procfleet import cli
 from procfleet.testing import Server, start_query, wait_until
 from query.fanout import SLOW_READER_ERROR, Fanout, list_call
 from query.fleet import Exporter
@@ -35,7 +37,7 @@ def _lister(processes: list[dict[str, Any]], seen: list[dict[str, str]] | None =
         if gate is not None:
             while not gate.is_set():
                 await asyncio.sleep(0.01)
-        listed = list(processes)
+        listed = [p for p in processes if request.query.get("name", p["name"]) == p["name"]]
         if "limit" in request.query:  # what a real exporter does with sort and limit
             listed.sort(key=lambda p: p["cpu_percent"], reverse=True)
             listed = listed[: int(request.query["limit"])]
@@ -249,3 +251,65 @@ def test_a_reader_that_leaves_frees_the_broadcast(fake_exporters):
         # The hung call goes on (bounded by the exporter timeout) but no request waits on it.
         wait_until(lambda: stream.finished, what="the broadcast to stop waiting")
         assert len(fanout.guards) == 0  # "hang" waited on by this request until it left
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_cli_streams_broadcasts_and_says_who_answered(fleet, gate):
+    gate.set()
+    url = fleet["server"].url
+    piped = io.StringIO()
+    status = cli.run(["--url", url, "ps", "_all", "--sort", "cpu", "--limit", "2",
+                      "--cmdline", "nginx", "--state", "sleep,running"],
+                     out=piped, environ={})
+    assert status == cli.EXIT_OK
+    text = piped.getvalue()
+    assert text.count("HOST") == 1  # one header, rows as they came
+    assert "refused: failed: connection refused" in text
+    assert text.rstrip().endswith("4 hosts: 2 answered (0 found nothing), 1 failed, 1 skipped")
+    assert fleet["seen"][-1] == {"sort": "cpu", "limit": "2", "cmdline": "nginx",
+                                 "state": "sleep,running"}
+
+
+def test_cli_get_on_a_terminal_shows_progress_then_the_table(fleet, gate):
+    gate.set()
+    terminal = _Terminal()
+    status = cli.run(["--url", fleet["server"].url, "get", "group:web", str(KNOWN_PID)],
+                     out=terminal, environ={})
+    assert status == cli.EXIT_OK
+    text = terminal.getvalue()
+    assert "\r4 hosts, 1 failed\x1b[K" in text  # the last progress line, then cleared
+    table = text.rpartition("\r\x1b[K")[2].splitlines()
+    assert table[0].startswith("HOST")
+    assert sorted(line.split()[0] for line in table[1:3]) == ["fast", "gated"]
+    assert table[-1] == "4 hosts: 2 answered (0 found nothing), 1 failed, 1 skipped"
+
+
+def test_cli_nothing_found_names_the_hosts_that_did_not_answer(fleet, gate):
+    gate.set()
+    out = io.StringIO()
+    with pytest.raises(cli.CliError) as caught:
+        cli.run(["--url", fleet["server"].url, "ps", "_all", "--name", "none"], out=out,
+                environ={})
+    assert caught.value.status == cli.EXIT_NOT_FOUND
+    assert caught.value.message == ("no process matched on the 2 of 4 hosts targeted by "
+                                    "'_all' that answered; 2 did not answer")
+    assert out.getvalue().rstrip().endswith(
+        "4 hosts: 2 answered (2 found nothing), 1 failed, 1 skipped")
+
+
+def test_cli_fleet_ranking(fleet, gate):
+    gate.set()
+    out = io.StringIO()
+    status = cli.run(["--url", fleet["server"].url, "ps", "_all", "--fleet", "--sort", "cpu",
+                      "--limit", "3"], out=out, environ={})
+    assert status == cli.EXIT_OK
+    rows = [line.split()[:2] for line in out.getvalue().splitlines()[1:4]]
+    assert rows == [["gated", "21"], ["fast", "11"], ["gated", "20"]]
+    with pytest.raises(cli.CliError) as caught:
+        cli.run(["--url", fleet["server"].url, "ps", "_all", "--fleet", "--sort", "cpu"],
+                out=io.StringIO(), environ={})
+    assert caught.value.status == cli.EXIT_USAGE
