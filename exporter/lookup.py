@@ -11,6 +11,7 @@ from exporter.info import to_info
 from exporter.masking import MaskCache
 from exporter.procs import ProcessError, Reader, Sample, UserNames
 from exporter.rates import RateSampler
+from exporter.search import Search
 from procfleet.params import ListFilters, LookupOptions
 from procfleet.process import ProcessInfo
 from procfleet.timefmt import rfc3339
@@ -106,12 +107,17 @@ class ProcessLookup:
         glob = query.name is not None and any(c in query.name for c in "*?[")
         found: list[ProcessInfo] = []
         pids = list(self.reader.pids())
+        # Issue 11's filters (cmdline, state, port, unit, ...): see exporter/search.py.
+        search = Search.of(query, getattr(self.reader, "root", "/proc")) \
+            if query.searching else None
         self.masks.prune(pids)
         self._pruned = time.monotonic()
         for pid in pids:
             try:
                 sample = self.reader.sample(pid)
             except ProcessError:  # gone since listed, or not ours to read
+                continue
+            if search is not None and not search.keeps_sample(sample):
                 continue
             rates = (self.sampler.rates(pid, sample.start_ticks) if self.sampler is not None
                      else None)
@@ -123,6 +129,8 @@ class ProcessLookup:
                 if not (fnmatch.fnmatchcase(name, query.name) if glob else name == query.name):
                     continue
             if query.user is not None and info.user != query.user:
+                continue
+            if search is not None and not search.keeps_info(info):
                 continue
             found.append(info)
         if query.sort is not None:

@@ -82,10 +82,11 @@ class QueryParamRule:
             raise falcon.HTTPBadRequest(title=PARAM_ERROR, description=str(exc)) from None
 
 
-def list_filters_or_400(req: falcon.Request) -> ListFilters:
-    """The list filters of a request (name, user, sort, limit); a bad one is a 400."""
+def list_filters_or_400(req: falcon.Request, allowed: Sequence[str] = LIST_PARAMS
+                        ) -> ListFilters:
+    """The list filters of a request (name, user, sort, limit, ...); a bad one is a 400."""
     try:
-        return parse_list_filters(single_values(req.params, LIST_PARAMS))
+        return parse_list_filters(single_values(req.params, allowed))
     except ParamError as exc:
         raise falcon.HTTPBadRequest(title=PARAM_ERROR, description=str(exc)) from None
 

@@ -28,6 +28,8 @@ from procfleet.params import (
     FILTER_MAX_LENGTH,
     LIST_LIMIT_MAX,
     LIST_PARAMS,
+    QUERY_LIST_PARAMS,
+    SORT_FIELDS,
     SORT_KEYS,
     ListFilters,
     ParamError,
@@ -101,7 +103,7 @@ def test_cli_columns_show_every_process_field() -> None:
 @pytest.mark.parametrize("service", DOCS)
 def test_openapi_list_parameters_are_the_filter_rules(service: str) -> None:
     params = _query_params(DOCS[service], LIST_PATHS[service])
-    assert tuple(params) == LIST_PARAMS
+    assert tuple(params) == (QUERY_LIST_PARAMS if service == "query" else LIST_PARAMS)
     assert tuple(params["sort"]["schema"]["enum"]) == SORT_KEYS
     assert params["limit"]["schema"]["minimum"] == 1
     assert params["limit"]["schema"]["maximum"] == LIST_LIMIT_MAX
@@ -112,6 +114,9 @@ def test_openapi_list_parameters_are_the_filter_rules(service: str) -> None:
 
 def test_every_sort_key_has_an_order_and_the_cli_offers_each() -> None:
     assert tuple(SORT_ORDER) == SORT_KEYS
+    # The fleet ranking orders by the process field of each key.
+    assert tuple(SORT_FIELDS) == SORT_KEYS
+    assert set(SORT_FIELDS.values()) <= set(PROCESS_FIELDS)
     for key in SORT_KEYS:
         assert cli.build_parser().parse_args(["ps", "_all", "--sort", key]).sort == key
 
