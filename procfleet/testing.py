@@ -28,6 +28,19 @@ QUERY = str(BIN / "procfleet-query")
 # A Python child that spends its life asleep (state S) until killed.
 SLEEPER = "import sys, time\nwhile True: time.sleep(1)"
 SPINNER = "import sys\nwhile True: pass"
+# A Python child that counts the SIGHUPs it gets, a line each in the file argv[1], and makes
+# argv[1] + ".ready" once its handler is installed: a HUP before that would end it.
+HUP_COUNTER = """\
+import signal, sys, time
+out = sys.argv[1]
+def counted(signum, frame):
+    with open(out, "a") as f:
+        f.write("hup\\n")
+signal.signal(signal.SIGHUP, counted)
+open(out + ".ready", "w").close()
+while True:
+    time.sleep(0.05)
+"""
 
 
 # Ports free_port() handed out already. The kernel readily gives the same free port to
@@ -91,7 +104,8 @@ def wait_ready(url: str, proc: subprocess.Popen[Any], timeout: float = 30.0,
     def ready() -> bool:
         if proc.poll() is not None:
             tail = f"\n{log.read_text(errors='replace')[-3000:]}" if log is not None else ""
-            raise AssertionError(f"{url}: server pid {proc.pid} exited with {proc.returncode}{tail}")
+            raise AssertionError(
+                f"{url}: server pid {proc.pid} exited with {proc.returncode}{tail}")
         return answers_200(url, timeout=1)
 
     wait_until(ready, timeout=timeout, what=f"{url} to answer 200")
@@ -180,6 +194,11 @@ def reap_all(procs: Sequence[subprocess.Popen[Any]]) -> None:
             proc.stdin.close()
 
 
+def hups(out: Path) -> int:
+    """How many SIGHUPs the HUP_COUNTER child counting in `out` has had so far."""
+    return len(out.read_text().splitlines()) if out.exists() else 0
+
+
 class Children:
     """Real child processes, each visible in /proc when returned; `reap()` ends them all."""
 
@@ -193,6 +212,16 @@ class Children:
     def spawn_argv(self, argv: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
         """Any program (not the test's Python), once it has exec'd."""
         return self._keep(spawn(argv, **popen))
+
+    def spawn_hup_counter(self, tmp: Path, **popen: Any
+                          ) -> tuple[subprocess.Popen[bytes], Path]:
+        """A HUP_COUNTER child once its handler is installed, and the file it counts in
+        (a new one in `tmp` for each child; read it with `hups`)."""
+        out = tmp / f"hups-{len(self.procs)}"
+        child = self.spawn(str(out), code=HUP_COUNTER, **popen)
+        wait_until(lambda: Path(f"{out}.ready").exists(),
+                   what=f"child {child.pid}'s HUP handler")
+        return child, out
 
     def _keep(self, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
         self.procs.append(proc)
