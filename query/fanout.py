@@ -418,15 +418,13 @@ class Fanout:
                     origin, request = self._request(exporter, call)
                     outcome: httpclient.Response | Exception = self._sync.get(
                         origin, request, until, call.body_cap, fresh=call.method != "GET")
-                except TimeoutError:
+                except TimeoutError as exc:
                     if request_until <= exporter_until:
                         return self._deadline_result(exporter)
-                    liveness = "timeout"
-                    return Result(name, "timeout", self._timeout_error)
+                    outcome = exc
                 except (httpclient.HTTPError, ValueError) as exc:
                     outcome = exc
-                result = classify(name, call, outcome)
-                liveness = _liveness(result)
+                result, liveness = self._settle(name, call, outcome)
                 return result
             finally:
                 self._sync_slots.release()
@@ -526,6 +524,16 @@ class Fanout:
                     results[index] = task.result()
         return results  # type: ignore[return-value]  # every index was filled above
 
+    def _settle(self, name: str, call: Call, outcome: httpclient.Response | Exception
+                ) -> tuple[Result, Outcome]:
+        """What one call came to, and what that says to the circuit breaker: the step after
+        the call, the same for both ways of calling. A TimeoutError here is the exporter's
+        own timeout (the caller answers a request deadline itself)."""
+        if isinstance(outcome, TimeoutError):
+            return Result(name, "timeout", self._timeout_error), "timeout"
+        result = classify(name, call, outcome)
+        return result, _liveness(result)
+
     def _deadline_result(self, exporter: Exporter) -> Result:
         return Result(exporter.hostname, "timeout",
                       f"timeout after {self.request_timeout:.1f} s (request deadline)")
@@ -548,13 +556,9 @@ class Fanout:
                             outcome: httpclient.Response | Exception = \
                                 await self._client.get(origin, request, call.body_cap,
                                                        fresh=call.method != "GET")
-                    except TimeoutError:
-                        liveness = "timeout"
-                        return Result(name, "timeout", self._timeout_error)
-                    except (httpclient.HTTPError, ValueError) as exc:
+                    except (TimeoutError, httpclient.HTTPError, ValueError) as exc:
                         outcome = exc
-                    result = classify(name, call, outcome)
-                    liveness = _liveness(result)
+                    result, liveness = self._settle(name, call, outcome)
                     return result
             finally:
                 self.guards.finish_call(name, liveness)
