@@ -87,6 +87,16 @@ def wait_until(check: Callable[[], T], *, timeout: float = 10.0, what: str = "co
         time.sleep(interval)
 
 
+def assert_prefixes(messages: Sequence[str], expected: Sequence[str]) -> None:
+    """Exactly one message per `expected` prefix, in order: config problems named by key path,
+    without repeating the rest of each message in the test."""
+    if len(messages) != len(expected):
+        raise AssertionError(f"{len(messages)} messages, expected {len(expected)}: {messages}")
+    for message, prefix in zip(messages, expected, strict=True):
+        if not message.startswith(prefix):
+            raise AssertionError(f"{message!r} does not start with {prefix!r}")
+
+
 def answers_200(url: str, timeout: float = 5.0) -> bool:
     """True if a GET of `url` answers 200 within `timeout` seconds."""
     try:
