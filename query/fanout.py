@@ -524,6 +524,10 @@ class Fanout:
                     results[index] = task.result()
         return results  # type: ignore[return-value]  # every index was filled above
 
+    def _deadline_result(self, exporter: Exporter) -> Result:
+        return Result(exporter.hostname, "timeout",
+                      f"timeout after {self.request_timeout:.1f} s (request deadline)")
+
     def _settle(self, name: str, call: Call, outcome: httpclient.Response | Exception
                 ) -> tuple[Result, Outcome]:
         """What one call came to, and what that says to the circuit breaker: the step after
@@ -533,10 +537,6 @@ class Fanout:
             return Result(name, "timeout", self._timeout_error), "timeout"
         result = classify(name, call, outcome)
         return result, _liveness(result)
-
-    def _deadline_result(self, exporter: Exporter) -> Result:
-        return Result(exporter.hostname, "timeout",
-                      f"timeout after {self.request_timeout:.1f} s (request deadline)")
 
     async def _call(self, exporter: Exporter, call: Call, key: FlightKey,
                     flight: _LoopFlight) -> Result:
