@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from procfleet import __version__
 from procfleet.configcheck import ConfigError
-from procfleet.logs import setup_logging
+from procfleet.logs import add_log_level_flag, setup_logging
 from procfleet.netaddr import ListenError, is_loopback, parse_listen
 from procfleet.serve import raise_file_limit, serve
 from query import config as query_config
@@ -45,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", metavar="HOST:PORT",
                         help="address to serve on; beats the file's listen "
                              f"(default {query_config.DEFAULT_LISTEN})")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                        help="log verbosity (default: info, or log_level from the file)")
+    add_log_level_flag(parser)
     parser.add_argument("--allow-unauthenticated-nonloopback", action="store_true",
                         help="serve on a non-loopback address even when auth is disabled")
     parser.add_argument("--allow-insecure-config", action="store_true",
