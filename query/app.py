@@ -9,16 +9,18 @@ Routes (see openapi.json for the shapes):
     GET /sd                              the exporters in Prometheus http_sd format  node:read
     GET /metrics                         the service's own metrics    node:read, or public
                                          with auth.protect_metrics: false
-    GET /healthz, /openapi.json                                                  public
+    GET /, /healthz, /openapi.json                                               public
 """
 
 from __future__ import annotations
 
 import atexit
+import html
 import logging
 import random
 import threading
 import time
+from importlib import resources
 from typing import Any
 
 import falcon
@@ -81,6 +83,7 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
     app.add_route("/metrics", MetricsResource(
         metrics, permission="node:read" if config.auth.protect_metrics else PUBLIC))
     app.add_route("/openapi.json", OpenAPIResource())
+    app.add_route("/", LandingResource())
     app.add_sink(NotFoundSink(authenticator), prefix="/")
     return app
 
@@ -326,3 +329,18 @@ class OpenAPIResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = openapi.document()
+
+
+class LandingResource:
+    """`GET /`: a small HTML page linking the other endpoints (public, like the exporter's)."""
+
+    permission = PUBLIC
+
+    def __init__(self) -> None:
+        template = resources.files("query").joinpath("landing.html").read_text("utf-8")
+        self._page = template.replace("{version}", html.escape(procfleet.__version__)).replace(
+            "{{hostname}}", "{hostname}").replace("{{pid}}", "{pid}")
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_HTML
+        resp.text = self._page
