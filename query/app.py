@@ -41,6 +41,7 @@ from query import openapi
 from query.auth import PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
 from query.config import Config
 from query.discovery import Discovery
+from query.failurelog import ExporterFailureLog, ResultObservers
 from query.fanout import Fanout
 from query.lookup import Answer, Lookup
 from query.metrics import Metrics
@@ -66,7 +67,8 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
     if metrics is None:
         metrics = Metrics(exporter_count=lambda: len(discovery.fleet.exporters),
                           reload_stats=discovery.reload_stats)
-    lookup = Lookup(discovery, fanout, limits=config.fanout, observer=metrics)
+    lookup = Lookup(discovery, fanout, limits=config.fanout,
+                    observer=ResultObservers(metrics, ExporterFailureLog()))
     authenticator = Authenticator(config.auth)
 
     app: App = falcon.App(middleware=[RequestLog(metrics), SignalAudit(metrics),
