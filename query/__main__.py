@@ -65,15 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def keygen(name: str, permissions: Sequence[str]) -> str:
-    """The text `keygen` prints: the key in a comment, then YAML for auth.api_keys."""
+    """The text `keygen` prints: the key in a comment, then YAML for auth.api_keys.
+
+    The entry is indented as it goes under `  api_keys:` (inside `auth:`), as in
+    config/query.yml, so the output pastes, or `sed '/^  api_keys:$/r FILE'` inserts, as is.
+    """
     key = new_key()
     granted = ", ".join(dict.fromkeys(permissions))
     return (f"# New API key {name!r}, shown only this once (the configuration keeps its hash):\n"
             f"#   {key}\n"
-            f"# Add under auth.api_keys in the query service configuration:\n"
-            f"- name: {name}\n"
-            f"  sha256: \"{key_hash(key)}\"\n"
-            f"  permissions: [{granted}]\n")
+            f"# Goes under \"  api_keys:\" in auth: of the query service configuration:\n"
+            f"    - name: {name}\n"
+            f"      sha256: \"{key_hash(key)}\"\n"
+            f"      permissions: [{granted}]\n")
 
 
 def _fail(message: str) -> int:
