@@ -58,11 +58,13 @@ from query.discovery import Exporter
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["ok", "not_found", "unsupported", "maintenance", "timeout", "unreachable",
-               "bad_status", "bad_body", "rejected"]
+Kind = Literal["ok", "not_found", "replaced", "unsupported", "maintenance", "timeout",
+               "unreachable", "bad_status", "bad_body", "rejected"]
 FAILURE_KINDS: tuple[Kind, ...] = ("timeout", "unreachable", "bad_status", "bad_body",
                                    "rejected")
-_VALID: frozenset[str] = frozenset({"ok", "not_found", "unsupported"})
+# `replaced`: asked with start_time, the exporter answered that the pid now belongs to a process
+# started at another time. A valid answer (the exporter is fine), shown as that host's failure.
+_VALID: frozenset[str] = frozenset({"ok", "not_found", "replaced", "unsupported"})
 _STATUS: Mapping[str, str] = {"ok": "ok", "maintenance": "skipped", "unsupported": "skipped"}
 
 MAINTENANCE_ERROR = "exporter is in maintenance"
@@ -811,9 +813,13 @@ def classify(hostname: str, call: Call, outcome: httpclient.Response | Exception
             return Result(hostname, "bad_body", str(exc))
         except ValueError:  # JSONDecodeError, UnicodeDecodeError
             return Result(hostname, "bad_body", "exporter answered invalid JSON")
-    if status == 404 and call.not_found_is_answer and not outcome.too_large \
-            and _says_not_found(outcome.body):
-        return Result(hostname, "not_found", NOT_FOUND_ERROR)
+    if status == 404 and call.not_found_is_answer and not outcome.too_large:
+        said = _not_found_body(outcome.body)
+        if said is not None:
+            details = said.get("details")
+            if isinstance(details, str) and _REPLACED.fullmatch(details):
+                return Result(hostname, "replaced", details)
+            return Result(hostname, "not_found", NOT_FOUND_ERROR)
     if status == 501:
         return Result(hostname, "unsupported", UNSUPPORTED_ERROR)
     return Result(hostname, "bad_status", _status_message(status))
@@ -928,16 +934,26 @@ def _reason(error: OSError) -> str:
     return error.strerror or str(error) or type(error).__name__
 
 
-def _says_not_found(body: bytes) -> bool:
-    # A 404 only means "no such process" when it is the exporter's error body; a 404 page
-    # from something else at that URL (a wrong port, a proxy) is a misconfiguration.
+# The exporter's details when a start_time guard failed (exporter/lookup.py says it so).
+_REPLACED = re.compile(r"pid [0-9]{1,10} now belongs to a process started at "
+                       r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+
+
+def _not_found_body(body: bytes) -> dict[str, Any] | None:
+    """The exporter's "process not found" error body, or None when the 404 is not one.
+
+    A 404 only means "no such process" when it is the exporter's error body; a 404 page from
+    something else at that URL (a wrong port, a proxy) is a misconfiguration.
+    """
     if not body:
-        return False
+        return None
     try:
         data = loads(body)
     except ValueError:  # BadBody too
-        return False
-    return isinstance(data, dict) and data.get("error") == NOT_FOUND_ERROR
+        return None
+    if isinstance(data, dict) and data.get("error") == NOT_FOUND_ERROR:
+        return data
+    return None
 
 
 def _status_message(status: int) -> str:

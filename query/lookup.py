@@ -155,6 +155,8 @@ def decide(target: Target, results: Sequence[Result], what: str = "the lookup") 
         if answer is None:
             return Answer(500, tuple(results), error="exporter failed",
                           details=_failures(results))
+        if answer.kind == "replaced":  # start_time named another process: say which
+            return Answer(404, tuple(results), error=NOT_FOUND_ERROR, details=answer.error)
         if answer.kind == "not_found":  # the results stay for the log's exporter counts
             return Answer(404, tuple(results), error=NOT_FOUND_ERROR,
                           details=f"exporter {answer.hostname} has no process with {what}")

@@ -93,3 +93,22 @@ def test_start_time_of_another_process_is_a_404(client, child) -> None:
     assert _get(client, child.pid, f"start_time={started}").status_code == 200
     other = _get(client, child.pid, "start_time=2001-09-09T01:46:40Z")
     assert other.status_code == 404
+    assert other.json["details"] == (f"pid {child.pid} now belongs to a process started at "
+                                     f"{started}")
+
+
+def test_start_time_of_another_process_is_that_hosts_failed_result_on_a_broadcast(
+        exporter: Server, make_client, child) -> None:
+    # Two names for the same real exporter make a broadcast of it.
+    config = make_config([{"hostname": "web-01", "url": exporter.url},
+                          {"hostname": "web-02", "url": exporter.url}])
+    client = make_client(config)
+    started = client.simulate_get(f"/node/web-01/process/{child.pid}").json[
+        "results"][0]["process"]["start_time"]
+    answer = client.simulate_get(f"/node/_all/process/{child.pid}",
+                                 query_string="start_time=2001-09-09T01:46:40Z")
+    assert answer.status_code == 200  # the exporters answered: a valid answer each
+    assert answer.json["results"] == [
+        {"hostname": host, "status": "failed",
+         "error": f"pid {child.pid} now belongs to a process started at {started}"}
+        for host in ("web-01", "web-02")]
