@@ -26,6 +26,10 @@ with its default -threads a multi-threaded process's main thread counts twice, a
 Expected groups (`MetricsOptions.expected_groups`) are exported from the first scrape with
 num_procs 0, like an empty group: gauges 0, counters 0 until a process of theirs runs; they
 are never dropped, neither by `drop_empty_groups` nor by the `EMPTY_GROUPS_KEPT` bound.
+Each is also marked by `procfleet_group_expected{groupname} 1`, so an alert can ask for
+"expected and no process" without listing the groups again:
+
+    procfleet_group_expected{groupname="cron"} 1.0
 
 Counters work as in process-exporter: each process incarnation (pid, start time) adds what it
 used since the previous scrape to its group's counters, so a group's counters never go down
@@ -312,6 +316,8 @@ class ProcessCollector(Collector):
         options = self._options
         fam = _Families(options)
         fam.build_info.add_metric([self._version], 1)
+        for name in options.expected_groups:
+            fam.group_expected.add_metric([name], 1)
         for kind in ERROR_KINDS:
             fam.read_errors.add_metric([kind], self._errors[kind])
         empty = [0.0] * _GAUGE_SLOTS
@@ -414,6 +420,10 @@ class _Families:
             "namedprocess_namegroup_threads_wchan",
             "Number of threads in this group waiting on each wchan",
             labels=["groupname", "wchan"])
+        self.group_expected = GaugeMetricFamily(
+            "procfleet_group_expected",
+            "1 for each group the config declares expected (exported even with no process)",
+            labels=["groupname"])
         self.build_info = GaugeMetricFamily(
             "procfleet_build_info", "procfleet exporter version; always 1", labels=["version"])
         self.scrape_duration = GaugeMetricFamily(
@@ -472,7 +482,7 @@ class _Families:
         ]
         if self.wchan:
             families.append(self.threads_wchan)
-        families += [self.build_info, self.scrape_duration, self.read_errors]
+        families += [self.group_expected, self.build_info, self.scrape_duration, self.read_errors]
         if self.per_process:
             families += [self.process_cpu, self.process_rss]
         return families

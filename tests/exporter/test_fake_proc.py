@@ -455,6 +455,8 @@ def test_golden_wchan_and_expected_groups() -> None:
         assert value(values, G + "cpu_seconds_total", groupname=group, mode="user") == 0
         assert value(values, G + "oldest_start_time_seconds", groupname=group) == 0
     assert value(values, G + "num_procs", groupname="nginx") == 4  # expected and running
+    assert {dict(labels)["groupname"] for name, labels in values
+            if name == "procfleet_group_expected"} == {"cron", "backup", "nginx"}
 
     # The group's process starts: it counts in full, from the counters' 0.
     proc.add(FakeProcess(400, "cron", start_ticks=9500, utime=20, cmdline=["/usr/sbin/cron"]))
@@ -484,6 +486,7 @@ def test_wchan_is_off_by_default_and_reads_nothing() -> None:
     proc = FakeProc(*_wchan_table())
     text = Scraper(proc, TABLE_GROUPS).text()
     assert "threads_wchan" not in text
+    assert "procfleet_group_expected{" not in text  # none declared
     assert not [name for _, name in proc.reads if "wchan" in name or name == "task"]
 
 
