@@ -19,6 +19,8 @@ setup(
         "prometheus-client>=0.20,<1",
         "psutil>=5.9,<8",
         "pyyaml>=6.0,<7",
+        # cmdline_re searches: linear-time regular expressions (no pattern can stall).
+        "google-re2>=1.1,<2",
     ],
     extras_require={
         "test": [

@@ -41,6 +41,19 @@ def _head_timeout(text: str) -> float:
     return value
 
 
+def _rate_interval(text: str) -> float:
+    from exporter.config import interval_problem
+
+    try:
+        value: object = float(text)
+    except ValueError:
+        value = text
+    why = interval_problem(value)
+    if why:
+        raise argparse.ArgumentTypeError(why)
+    return float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="procfleet-exporter",
@@ -71,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="SECONDS",
                         help="close a connection that has not sent a complete request this "
                              f"long after opening, 1 to 300 (default {HEAD_TIMEOUT:g})")
+    parser.add_argument("--rate-interval", type=_rate_interval, metavar="SECONDS",
+                        help="window of the live rates (cpu_percent_recent, read/write bytes "
+                             "per second): how often every process's counters are read, "
+                             "1 to 300 (default 5, or rates.interval_seconds from the file)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -117,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"procfleet-exporter: --hostname {why}", file=sys.stderr)
         return 2
     config = config.with_overrides(listen=listen, hostname=args.hostname,
-                                   metrics=compat.metrics)
+                                   metrics=compat.metrics,
+                                   rate_interval=args.rate_interval)
     host, port = config.listen
     if (not config.auth.enabled and not is_loopback(host)
             and not args.allow_unauthenticated_nonloopback):

@@ -17,10 +17,11 @@ from prometheus_client.exposition import choose_encoder
 from exporter.actions import Signaller, SignalRequest
 from exporter.collector import ProcessCollector
 from exporter.config import Config
-from exporter.lookup import ProcessLookup
+from exporter.lookup import OtherProcess, ProcessLookup
 from exporter.procs import ProcessError, Reader, UserNames, make_reader
+from exporter.rates import RateSampler
 from procfleet import __version__
-from procfleet.params import LIST_PARAMS
+from procfleet.params import LIST_PARAMS, LOOKUP_PARAMS
 from procfleet.process import NOT_FOUND_ERROR
 from procfleet.signals import (
     AUDIT_TEXT_MAX,
@@ -37,6 +38,7 @@ from procfleet.web import (
     QueryParamRule,
     install_error_handling,
     list_filters_or_400,
+    lookup_options_or_400,
     pid_or_400,
 )
 
@@ -85,20 +87,27 @@ class HealthResource:
 
 
 class ProcessResource:
-    """GET /process/{pid}: one process, read now."""
+    """GET /process/{pid}: one process, read now; `?expand=` adds groups of detail."""
+
+    query_params = LOOKUP_PARAMS
 
     def __init__(self, lookup: ProcessLookup) -> None:
         self._lookup = lookup
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, pid: str) -> None:
         number = pid_or_400(pid)
+        options = lookup_options_or_400(req)
         try:
-            info = self._lookup.get(number)
+            info, details = self._lookup.get_with(number, options)
         except ProcessError:  # denied answers as gone: a pid we may not read is not shown
             raise falcon.HTTPNotFound(
                 title=NOT_FOUND_ERROR, description=f"no process with pid {number}"
             ) from None
-        resp.media = info.to_json()
+        except OtherProcess as exc:  # the process asked for is gone; its pid was reused
+            raise falcon.HTTPNotFound(title=NOT_FOUND_ERROR, description=str(exc)) from None
+        body = info.to_json()
+        body.update(details)
+        resp.media = body
 
 
 class ProcessListResource:
@@ -241,16 +250,22 @@ def _slashed_pid(req: falcon.Request, resp: falcon.Response, **params: object) -
 
 def create_app(config: Config, *, reader: Reader | None = None,
                registry: CollectorRegistry | None = None,
-               signaller: Signaller | None = None) -> App:
-    """Build the exporter app. Tests pass their own reader, registry or signaller."""
+               signaller: Signaller | None = None,
+               sampler: RateSampler | None = None) -> App:
+    """Build the exporter app. Tests pass their own reader, registry, signaller or sampler."""
     reader = reader or make_reader(config.reader)
+    if sampler is None:
+        # Its thread starts with the first lookup or list, and ends with the app.
+        sampler = RateSampler(reader, interval=config.rates.interval_seconds,
+                              max_processes=config.rates.max_processes)
     user_names = UserNames()
     if registry is None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ProcessCollector(reader, config.groups, config.metrics,
                                            version=__version__, user_name=user_names,
                                            masker=config.masker))
-    lookup = ProcessLookup(reader, config.masker, user_names)
+    lookup = ProcessLookup(reader, config.masker, user_names, sampler=sampler,
+                           environ_allowed=config.expand.environ)
     if signaller is None:
         signals_total = Counter(
             "procfleet_signals", "Signal requests by signal and outcome (signalled, dry_run, "

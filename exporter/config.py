@@ -11,6 +11,7 @@ from typing import Any
 from exporter.actions import SignalPolicy, parse_actions
 from exporter.groups import GROUP_NAME_MAX, GroupMatcher, expected_names, parse_groups
 from exporter.masking import Masker, backtracking_risk, check_pattern
+from exporter.rates import DEFAULT_INTERVAL, DEFAULT_MAX_PROCESSES, INTERVAL_MAX, INTERVAL_MIN
 from procfleet.configcheck import ConfigError, Problems, is_sha256_hex, read_yaml
 from procfleet.hostnames import hostname_problem
 from procfleet.logs import LOG_LEVELS
@@ -82,6 +83,44 @@ def parse_metrics_options(raw: Any, problems: Problems, path: str = "metrics") -
 
 
 @dataclass(frozen=True)
+class RatesOptions:
+    """The live-rate sampler (the `rates:` config section): its window and its bound."""
+
+    interval_seconds: float = DEFAULT_INTERVAL
+    max_processes: int = DEFAULT_MAX_PROCESSES
+
+
+def interval_problem(value: object) -> str | None:
+    """Why `value` is not a sampling interval, or None: the config key's and the flag's rule."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            INTERVAL_MIN <= value <= INTERVAL_MAX):
+        return (f"must be a number of seconds from {INTERVAL_MIN:g} to {INTERVAL_MAX:g}, "
+                f"got {value!r}")
+    return None
+
+
+def _rates(data: Any, problems: Problems) -> RatesOptions:
+    problems.unknown_keys(data, {"interval_seconds", "max_processes"}, "rates")
+    interval = data.get("interval_seconds", DEFAULT_INTERVAL)
+    why = interval_problem(interval)
+    if why:
+        problems.add("rates.interval_seconds", why)
+        interval = DEFAULT_INTERVAL
+    cap = problems.typed(data, "max_processes", int, DEFAULT_MAX_PROCESSES, "rates")
+    if not 1 <= cap <= 4_194_304:  # the kernel's largest pid_max
+        problems.add("rates.max_processes", f"must be from 1 to 4194304, got {cap}")
+        cap = DEFAULT_MAX_PROCESSES
+    return RatesOptions(interval_seconds=float(interval), max_processes=cap)
+
+
+@dataclass(frozen=True)
+class ExpandOptions:
+    """`?expand=` groups that need the operator's consent (the `expand:` config section)."""
+
+    environ: bool = False  # environment variables hold secrets more often than argv does
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """Bearer-token protection. Only the token's SHA-256 is kept."""
 
@@ -106,13 +145,18 @@ class Config:
     groups: tuple[GroupMatcher, ...] = field(default_factory=lambda: parse_groups(None, Problems()))
     metrics: MetricsOptions = MetricsOptions()
     signal: SignalPolicy = SignalPolicy()  # `actions.signal`: off unless enabled
+    rates: RatesOptions = RatesOptions()
+    expand: ExpandOptions = ExpandOptions()
     source: str = "built-in defaults"
 
     def with_overrides(self, *, listen: tuple[str, int] | None = None,
                        hostname: str | None = None,
-                       metrics: dict[str, Any] | None = None) -> Config:
+                       metrics: dict[str, Any] | None = None,
+                       rate_interval: float | None = None) -> Config:
         """Command-line flags beat the file; `metrics` replaces MetricsOptions fields."""
         changes: dict[str, Any] = {}
+        if rate_interval is not None:
+            changes["rates"] = replace(self.rates, interval_seconds=rate_interval)
         if listen is not None:
             changes["listen"] = listen
         if hostname is not None:
@@ -128,7 +172,7 @@ def valid_hostname(name: str) -> bool:
 
 
 _TOP_KEYS = {"listen", "hostname", "reader", "log_level", "auth", "masking", "groups", "metrics",
-             "actions", "process_names", "expected_groups"}
+             "actions", "rates", "expand", "process_names", "expected_groups"}
 
 
 def load(path: str | Path) -> Config:
@@ -174,12 +218,17 @@ def from_mapping(raw: Any, *, source: str = "<config>") -> Config:
     if len(metrics.expected_groups) > MAX_EXPECTED_GROUPS:
         problems.add("expected_groups", f"at most {MAX_EXPECTED_GROUPS} expected groups, got "
                      f"{len(metrics.expected_groups)}")
+    rates = _rates(problems.mapping(data.get("rates"), "rates"), problems)
+    expand_data = problems.mapping(data.get("expand"), "expand")
+    problems.unknown_keys(expand_data, {"environ"}, "expand")
+    expand = ExpandOptions(environ=problems.typed(expand_data, "environ", bool, False, "expand"))
+
     signal = parse_actions(data.get("actions"), problems, "actions")
 
     problems.raise_if_any(source)
     return Config(listen=listen, hostname=hostname, reader=reader, log_level=log_level,
                   auth=auth, masker=masker, groups=groups, metrics=metrics, signal=signal,
-                  source=source)
+                  rates=rates, expand=expand, source=source)
 
 
 def _expected_groups(raw: Any, problems: Problems) -> list[str]:
@@ -250,6 +299,6 @@ def _regex_list(data: Any, key: str, problems: Problems, *, value_group: bool) -
     return good
 
 
-__all__ = ["AuthConfig", "Config", "ConfigError", "DEFAULT_LISTEN", "MAX_EXPECTED_GROUPS",
-           "MAX_TOP_N", "MetricsOptions",
-           "from_mapping", "load", "parse_metrics_options", "valid_hostname"]
+__all__ = ["AuthConfig", "Config", "ConfigError", "DEFAULT_LISTEN", "ExpandOptions",
+           "MAX_EXPECTED_GROUPS", "MAX_TOP_N", "MetricsOptions", "RatesOptions", "from_mapping",
+           "interval_problem", "load", "parse_metrics_options", "valid_hostname"]

@@ -11,12 +11,14 @@ import time
 from dataclasses import replace
 
 from exporter.procs import STATE_WORDS, Sample, SystemFacts, UserNames
+from exporter.rates import Rates
 from procfleet.process import ProcessInfo
 from procfleet.timefmt import rfc3339
 
 
 def to_info(sample: Sample, *, system: SystemFacts, user_name: UserNames,
-            mask: object = None, now: float | None = None) -> ProcessInfo:
+            mask: object = None, now: float | None = None,
+            rates: Rates | None = None) -> ProcessInfo:
     """Turn a Sample into the API's process object (docs/api.md, "Process fields")."""
     now = time.time() if now is None else now
     age = max(now - sample.create_time, 1e-9)
@@ -36,4 +38,8 @@ def to_info(sample: Sample, *, system: SystemFacts, user_name: UserNames,
         mem_rss=sample.rss,
         command=command,
         start_time=rfc3339(sample.create_time),
+        cpu_percent_recent=rates.cpu_percent if rates is not None else None,
+        read_bytes_per_second=rates.read_bytes_per_second if rates is not None else None,
+        write_bytes_per_second=rates.write_bytes_per_second if rates is not None else None,
+        window_seconds=rates.window_seconds if rates is not None else None,
     )

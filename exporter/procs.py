@@ -167,6 +167,16 @@ class Sample:
         return self.comm
 
 
+@dataclass(slots=True)
+class Counters:
+    """The cumulative counters a rate is made of: what the rate sampler reads, and no more."""
+
+    start_ticks: int  # with the pid, which process these belong to
+    cpu_seconds: float  # user + system
+    read_bytes: int | None  # /proc/PID/io's storage-layer counters; None: not readable
+    write_bytes: int | None
+
+
 class SystemFacts:
     """Host facts a process read needs: boot time, clock ticks, page size, total memory.
 
@@ -243,6 +253,10 @@ class Reader(Protocol):
 
     def wchans(self, pid: int, num_threads: int) -> list[str]:
         """The kernel function each thread of `pid` sleeps in ("" while running)."""
+        ...
+
+    def counters(self, pid: int) -> Counters:
+        """CPU time and storage I/O so far: the cheapest read the live rates need."""
         ...
 
 
@@ -379,6 +393,30 @@ class ProcDir:
     def tasks(self, pid: int) -> list[int]:
         return [int(t) for t in os.listdir(f"{self.root}/{pid}/task")]
 
+    def read_table(self, pid: int, name: str, limit: int = 8 << 20) -> bytes:
+        """/proc/PID/NAME read to its end (at most `limit` bytes): seq_file tables such as
+        net/tcp give a page or so per read, so a short read is not their end."""
+        fd = os.open(f"{self.root}/{pid}/{name}", os.O_RDONLY)
+        try:
+            chunks, size = [], 0
+            while size < limit:
+                more = os.read(fd, min(limit - size, 1 << 16))
+                if not more:
+                    break
+                chunks.append(more)
+                size += len(more)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def readlink(self, pid: int, name: str) -> str:
+        """The target of the link /proc/PID/NAME (exe, cwd, fd/N)."""
+        return os.readlink(f"{self.root}/{pid}/{name}")
+
+    def listdir(self, pid: int, name: str) -> list[str]:
+        """The entries of the directory /proc/PID/NAME (fd, task)."""
+        return os.listdir(f"{self.root}/{pid}/{name}")
+
 
 _HELD_FILES = ("stat", "status", "cmdline")
 
@@ -490,6 +528,20 @@ class ProcfsReader:
         if detail:
             self._read_detail(sample, status)
         return sample
+
+    def counters(self, pid: int) -> Counters:
+        stat = self._file(pid, "stat")
+        f = stat[stat.rfind(b")") + 2:].split()
+        counters = Counters(start_ticks=int(f[19]),
+                            cpu_seconds=(int(f[11]) + int(f[12])) / self.system.clock_ticks,
+                            read_bytes=None, write_bytes=None)
+        try:
+            io = self._file(pid, "io")
+        except ProcessError:
+            return counters  # another user's process: CPU only
+        counters.read_bytes = _status_int(io, b"\nread_bytes:")
+        counters.write_bytes = _status_int(io, b"\nwrite_bytes:")
+        return counters
 
     def _parse(self, pid: int, stat: bytes, status: bytes, cmdline: bytes) -> Sample:
         _check_is_process(pid, status)
@@ -664,6 +716,17 @@ class PsutilReader:
 
     def forget(self, alive: set[tuple[int, int]]) -> None:
         pass
+
+    @wrap_exceptions
+    def counters(self, pid: int) -> Counters:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            times = proc.cpu_times()
+            start = int(round((proc.create_time() - self.system.boot_time) * 100))
+            io = _maybe(proc.io_counters) if hasattr(proc, "io_counters") else None
+        return Counters(start_ticks=start, cpu_seconds=times.user + times.system,
+                        read_bytes=io.read_bytes if io is not None else None,
+                        write_bytes=io.write_bytes if io is not None else None)
 
     def lookup(self, pid: int) -> Sample:
         # psutil.Process() accepts a thread id; pid_exists() tells threads apart on Linux.

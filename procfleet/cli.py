@@ -2,11 +2,18 @@
 
     procfleet get TARGET PID
     procfleet ps TARGET [--name NAME] [--user USER] [--sort cpu|mem|rss|start] [--limit N]
+                 [--cmdline TEXT] [--cmdline-re RE2] [--state WORDS] [--port N] [--unit UNIT]
+                 [--container ID] [--ppid N] [--min-rss BYTES] [--started-before TIME]
+                 [--started-after TIME] [--fleet]
     procfleet kill TARGET PID [--signal TERM] [--dry-run] [--batch 10%] [--yes]
+    procfleet top TARGET [--limit N] [--interval S]
 
 It calls `GET /node/{target}/process/{pid}` or `GET /node/{target}/process` and prints one
 aligned table with a row per process, grouped by host, then a line per host that failed or
-was skipped; `--json` prints the service's body unchanged. Only the standard library is used,
+was skipped; `--json` prints the service's body unchanged. On a broadcast target (`_all`,
+selectors) the answer is streamed (NDJSON, docs/api.md#streaming): on a terminal a progress
+line counts hosts as they answer, piped the rows print as they come; a summary line says how
+many hosts answered, found nothing, failed and were skipped. Only the standard library is used,
 so the client installs anywhere Python does.
 """
 
@@ -17,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,7 +36,23 @@ from typing import Any, NoReturn, TextIO
 from procfleet import __version__
 
 # Both are standard library only, so the client still installs anywhere Python does.
-from procfleet.params import SORT_KEYS, ParamError, check_limit, check_text
+from procfleet.params import (
+    EXPAND_NAMES,
+    SORT_KEYS,
+    TREE_MAX,
+    ParamError,
+    check_cmdline_re,
+    check_container,
+    check_expand,
+    check_limit,
+    check_number,
+    check_start_time,
+    check_states,
+    check_text,
+    check_time,
+    check_tree,
+    check_unit,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TIMEOUT = 10.0
@@ -38,12 +62,17 @@ EXIT_NOT_FOUND = 1
 EXIT_USAGE = 2
 EXIT_SERVICE = 3
 
-COLUMNS = ("HOST", "PID", "NAME", "USER", "STATE", "CPU%", "MEM%", "RSS", "STARTED", "COMMAND")
-# The process field each column after HOST shows; a test keeps it equal to PROCESS_FIELDS.
+COLUMNS = ("HOST", "PID", "NAME", "USER", "STATE", "CPU%", "NOW%", "MEM%", "RSS", "READ/s",
+           "WRITE/s", "STARTED", "COMMAND")
+# The process field each column after HOST shows; a test keeps it equal to PROCESS_FIELDS
+# (but window_seconds: the exporter's rate interval, the same on every row of a host).
+# CPU% is over the process's life, NOW% over the last window; blank where not measured yet.
 COLUMN_FIELDS = {"PID": "pid", "NAME": "name", "USER": "user", "STATE": "state",
-                 "CPU%": "cpu_percent", "MEM%": "mem_percent", "RSS": "mem_rss",
-                 "STARTED": "start_time", "COMMAND": "command"}
-_RIGHT_ALIGNED = frozenset({"PID", "CPU%", "MEM%", "RSS"})
+                 "CPU%": "cpu_percent", "NOW%": "cpu_percent_recent", "MEM%": "mem_percent",
+                 "RSS": "mem_rss", "READ/s": "read_bytes_per_second",
+                 "WRITE/s": "write_bytes_per_second", "STARTED": "start_time",
+                 "COMMAND": "command"}
+_RIGHT_ALIGNED = frozenset({"PID", "CPU%", "NOW%", "MEM%", "RSS", "READ/s", "WRITE/s"})
 
 EPILOG = f"""\
 targets:
@@ -67,6 +96,8 @@ exit status:
 examples:
   procfleet get web-01 1234
   procfleet ps group:web --name 'nginx*' --sort cpu --limit 5
+  procfleet get web-01 1234 --expand all
+  procfleet top group:web --limit 20
   PROCFLEET_URL=https://procfleet.example.net procfleet --json get _all 1 | jq .
 """
 
@@ -131,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("target", metavar="TARGET",
                      help="a host name, _any, _all, or label selectors like group:web")
     get.add_argument("pid", metavar="PID", help="a process id (1 to 2147483647)")
+    # Sent as typed: `all` stays `all`, which the service narrows to what the key may see.
+    get.add_argument("--expand", metavar="GROUPS",
+                     type=_checked(lambda text: check_expand(text) and text),
+                     help="add groups and print a detail view per host: comma-separated "
+                          f"{','.join(EXPAND_NAMES)}, or all")
+    get.add_argument("--tree", metavar="N", type=_checked(check_tree),
+                     help=f"with --expand children: generations of descendants, 1 to {TREE_MAX}")
+    get.add_argument("--start-time", metavar="RFC3339", dest="start_time",
+                     type=_checked(lambda text: check_start_time(text) and text),
+                     help="only the process started at this time (as start_time shows it): "
+                          "a reused pid is then not found")
 
     ps = commands.add_parser(
         "ps", parents=[common],
@@ -145,11 +187,110 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--user", metavar="USER", type=_checked(check_text, "user"),
                     help="only processes of this user")
     ps.add_argument("--sort", choices=SORT_KEYS,
-                    help="largest first: cpu, mem (percent), rss, or start (newest first)")
+                    help="largest first: cpu (over the process's life), cpu_recent (over the "
+                         "exporters' last window: a real top), mem (percent), rss, or start "
+                         "(newest first)")
     ps.add_argument("--limit", type=_checked(check_limit), metavar="N",
-                    help="at most N processes per host (a top-N with --sort)")
+                    help="at most N processes per host (a top-N with --sort; with --fleet, "
+                         "across all hosts)")
+    ps.add_argument("--cmdline", metavar="TEXT", type=_checked(check_text, "cmdline"),
+                    help="command line (as shown, masked) contains TEXT")
+    ps.add_argument("--cmdline-re", metavar="RE2", type=_checked(check_cmdline_re, "cmdline_re"),
+                    help="command line (as shown, masked) matches this RE2 pattern")
+    ps.add_argument("--state", metavar="WORDS", type=_checked(check_states, "state"),
+                    help="one or more states, comma-separated: running,blocked")
+    ps.add_argument("--port", metavar="N", type=_int_check("port", 1, 65535),
+                    help="listening on this TCP port")
+    ps.add_argument("--unit", metavar="UNIT", type=_checked(check_unit, "unit"),
+                    help="in this systemd unit (a bare name means NAME.service)")
+    ps.add_argument("--container", metavar="ID", type=_checked(check_container, "container"),
+                    help="in a container whose id starts with ID")
+    ps.add_argument("--ppid", metavar="N", type=_int_check("ppid", 0, 2147483647),
+                    help="child of this process id")
+    ps.add_argument("--min-rss", metavar="BYTES", type=_int_check("min_rss", 0, 1 << 62),
+                    help="at least this many bytes resident")
+    ps.add_argument("--started-before", metavar="TIME", type=_checked(check_time,
+                                                                      "started_before"),
+                    help="started before this RFC 3339 time (2026-01-15T10:30:00Z)")
+    ps.add_argument("--started-after", metavar="TIME", type=_checked(check_time,
+                                                                     "started_after"),
+                    help="started after this RFC 3339 time")
+    ps.add_argument("--fleet", action="store_true",
+                    help="rank across all targeted hosts: one top --limit by --sort")
     add_kill_command(commands, common)
+    top = commands.add_parser(
+        "top", parents=[common],
+        help="the busiest processes on the targeted hosts, refreshed in place",
+        description="The processes using the most CPU over the exporters' last window "
+                    "(cpu_percent_recent) on every host TARGET selects, redrawn every "
+                    "interval on a terminal and printed once when piped. Ctrl-C exits.",
+        epilog="exit status: 0, 2 usage, 3 service error")
+    top.add_argument("target", metavar="TARGET",
+                     help="a host name, _any, _all, or label selectors like group:web")
+    top.add_argument("--limit", type=_checked(check_limit), default=10, metavar="N",
+                     help="processes shown, busiest first, over all hosts (default 10)")
+    top.add_argument("--interval", type=_interval, default=2.0, metavar="S",
+                     help="seconds between refreshes, 0.5 to 3600 (default 2)")
     return parser
+
+
+TOP_COLUMNS = ("HOST", "PID", "USER", "NOW%", "RSS", "READ/s", "WRITE/s", "COMMAND")
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.5 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be seconds from 0.5 to 3600, got {text!r}")
+    return value
+
+
+def top_lines(rows: Sequence[Mapping[str, Any]], limit: int, width: int | None) -> list[str]:
+    """The busiest `limit` of `rows` (all hosts together) by cpu_percent_recent, aligned."""
+    busiest = sorted(rows, key=lambda r: -(r.get("cpu_percent_recent") or 0.0))[:limit]
+    cells = [TOP_COLUMNS, *((
+        _text(r.get("host")), _text(r.get("pid")), _text(r.get("user")),
+        _percent(r.get("cpu_percent_recent")), human_bytes(r.get("mem_rss")),
+        human_bytes(r.get("read_bytes_per_second")), human_bytes(r.get("write_bytes_per_second")),
+        _text(r.get("command") or (f"[{r['name']}]" if r.get("name") else None)))
+        for r in busiest)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(TOP_COLUMNS) - 1)]
+    lines = []
+    for line in cells:
+        text = "  ".join([*(cell.rjust(w) if name not in ("HOST", "USER") else cell.ljust(w)
+                           for name, cell, w in zip(TOP_COLUMNS, line, widths, strict=False)),
+                          line[-1]])
+        if width and len(text) > width:
+            text = text[: max(width - 1, 0)] + "…"
+        lines.append(text.rstrip())
+    return lines
+
+
+def run_top(args: argparse.Namespace, base_url: str, key: str | None, timeout: float,
+            out: TextIO) -> int:
+    """`procfleet top`: redraw in place on a TTY until Ctrl-C; once when piped."""
+    target = urllib.parse.quote(args.target, safe=":,_-.")
+    path = f"/node/{target}/process?" + urllib.parse.urlencode(
+        {"sort": "cpu_recent", "limit": str(args.limit)})
+    tty = out.isatty()
+    try:
+        while True:
+            results = check_reply(call_service(base_url, path, key=key, timeout=timeout),
+                                  base_url)
+            width = shutil.get_terminal_size().columns if tty else None
+            lines = top_lines(rows_of(results, "processes"), args.limit, width)
+            lines += problem_lines(results)
+            if tty:
+                out.write("\x1b[H\x1b[2J")  # home and clear: redraw in place
+            out.write("\n".join(lines) + "\n")
+            out.flush()
+            if not tty:
+                return EXIT_OK
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def _checked(check: Callable[..., Any], *names: str) -> Callable[[str], Any]:
@@ -164,24 +305,58 @@ def _checked(check: Callable[..., Any], *names: str) -> Callable[[str], Any]:
     return convert
 
 
+def _int_check(name: str, low: int, high: int) -> Callable[[str], Any]:
+    return _checked(lambda text: check_number(name, text, low, high))
+
+
+# ps options and the query parameters they become (--state's words are joined by commas).
+PS_PARAMS = ("name", "user", "sort", "limit", "cmdline", "cmdline_re", "state", "port", "unit",
+             "container", "ppid", "min_rss", "started_before", "started_after")
+
+
 # -- talking to the query service ----------------------------------------------------------
 
 def request_path(args: argparse.Namespace) -> str:
     """The path and query string of the call `args` asks for."""
     target = urllib.parse.quote(args.target, safe=":,_-.")
     if args.command == "get":
-        return f"/node/{target}/process/{urllib.parse.quote(args.pid, safe='')}"
-    params = {k: getattr(args, k) for k in ("name", "user", "sort", "limit")
-              if getattr(args, k) is not None}
+        path = f"/node/{target}/process/{urllib.parse.quote(args.pid, safe='')}"
+        options = {"expand": args.expand,
+                   "tree": None if args.tree is None else str(args.tree),
+                   "start_time": args.start_time}
+        query = urllib.parse.urlencode({k: v for k, v in options.items() if v is not None})
+        return path + (f"?{query}" if query else "")
+    params: dict[str, Any] = {}
+    for name in PS_PARAMS:
+        value = getattr(args, name, None)
+        if value is not None:
+            params[name] = ",".join(value) if isinstance(value, tuple) else value
+    if getattr(args, "fleet", False):
+        params["scope"] = "fleet"
     query = urllib.parse.urlencode(params)
     return f"/node/{target}/process" + (f"?{query}" if query else "")
 
 
+def is_broadcast(target: str) -> bool:
+    """`_all` and label selectors ask many hosts; a hostname and `_any` ask one."""
+    return target == "_all" or ":" in target
+
+
+NDJSON = "application/x-ndjson"
+LINE_MAX_BYTES = 64 * 1024 * 1024  # one host's list: the service caps it at 16 MiB of JSON
+
+
 def call_service(base_url: str, path: str, *, key: str | None, timeout: float,
-                 body: bytes | None = None) -> Reply:
-    """GET `path` (POST `body`, JSON) from the query service; no answer is a CliError(3)."""
+                 body: bytes | None = None,
+                 on_line: Callable[[Mapping[str, Any]], None] | None = None) -> Reply:
+    """GET `path` (POST `body`, JSON) from the query service; no answer is a CliError(3).
+
+    With `on_line`, NDJSON is asked for: each result line of a streamed answer is handed to
+    it as it arrives, and the Reply's data is `{"job_id", "results", "summary"}` at the end.
+    """
     url = base_url.rstrip("/") + path
-    headers = {"Accept": "application/json", "User-Agent": f"procfleet-cli/{__version__}"}
+    accept = f"{NDJSON}, application/json;q=0.9" if on_line else "application/json"
+    headers = {"Accept": accept, "User-Agent": f"procfleet-cli/{__version__}"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     if body is not None:
@@ -190,6 +365,9 @@ def call_service(base_url: str, path: str, *, key: str | None, timeout: float,
                                      method="GET" if body is None else "POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
+            if on_line is not None and response.status == 200 and \
+                    response.headers.get_content_type() == NDJSON:
+                return _read_stream(response, on_line)
             status, body = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read()
@@ -213,6 +391,89 @@ def call_service(base_url: str, path: str, *, key: str | None, timeout: float,
     except ValueError:
         data = None
     return Reply(status, body, data)
+
+
+def _read_stream(response: Any, on_line: Callable[[Mapping[str, Any]], None]) -> Reply:
+    """The lines of a streamed answer: results to `on_line`, the summary kept; a Reply as if
+    the whole had been one JSON answer (with `summary`). A stream cut before its summary
+    line is a service failure."""
+    results: list[Mapping[str, Any]] = []
+    while True:
+        line = response.readline(LINE_MAX_BYTES)
+        if not line:
+            raise CliError("the query service's stream ended before its summary line",
+                           EXIT_SERVICE)
+        try:
+            item = json.loads(line)
+        except ValueError:
+            raise CliError("the query service streamed a line that is not JSON",
+                           EXIT_SERVICE) from None
+        if not isinstance(item, dict):
+            raise CliError("the query service streamed a line that is not a JSON object",
+                           EXIT_SERVICE)
+        if "summary" in item and "hostname" not in item:
+            data = {"job_id": item.get("job_id"), "results": results,
+                    "summary": item["summary"]}
+            return Reply(200, json.dumps(data).encode(), data)
+        if not isinstance(item.get("hostname"), str):
+            raise CliError("the query service streamed a result without a hostname",
+                           EXIT_SERVICE)
+        results.append(item)
+        on_line(item)
+
+
+def summary_line(results: Sequence[Mapping[str, Any]], field: str) -> str:
+    """`1000 hosts: 996 answered (3 found nothing), 3 failed, 1 skipped`."""
+    answered = failed = skipped = empty = 0
+    for result in results:
+        status = result.get("status")
+        if status == "ok":
+            answered += 1
+            empty += not result.get(field)
+        elif status == "skipped":
+            skipped += 1
+        elif result.get("error") == "process not found":
+            answered += 1
+            empty += 1
+        else:
+            failed += 1
+    hosts = len(results)
+    return (f"{hosts} host{'s' if hosts != 1 else ''}: {answered} answered "
+            f"({empty} found nothing), {failed} failed, {skipped} skipped")
+
+
+class Progress:
+    """What a streamed answer shows while it arrives: on a terminal one progress line,
+    rewritten in place (`37 hosts, 2 failed`); piped, each host's rows as they come."""
+
+    def __init__(self, out: TextIO, field: str, width: int | None) -> None:
+        self.out = out
+        self.field = field
+        self.width = width
+        self.tty = out.isatty()
+        self.hosts = 0
+        self.failed = 0
+        self.header = False
+
+    def __call__(self, result: Mapping[str, Any]) -> None:
+        self.hosts += 1
+        if result.get("status") == "failed" and result.get("error") != "process not found":
+            self.failed += 1
+        if self.tty:
+            self.out.write(f"\r{self.hosts} hosts, {self.failed} failed\x1b[K")
+            self.out.flush()
+            return
+        rows = rows_of([result], self.field)
+        if rows:
+            lines = format_table(rows, self.width)
+            for line in lines if not self.header else lines[1:]:
+                print(line, file=self.out)
+            self.header = True
+            self.out.flush()
+
+    def done(self) -> None:
+        if self.tty and self.hosts:
+            self.out.write("\r\x1b[K")
 
 
 # -- deciding what the answer means ----------------------------------------------------------
@@ -354,9 +615,10 @@ def table_row(row: Mapping[str, Any]) -> tuple[str, ...]:
     field = COLUMN_FIELDS
     return (_text(row["host"]), _text(row.get(field["PID"])), _text(row.get(field["NAME"])),
             _text(row.get(field["USER"])), _text(row.get(field["STATE"])),
-            _percent(row.get(field["CPU%"])), _percent(row.get(field["MEM%"])),
-            human_bytes(row.get(field["RSS"])), _started(row.get(field["STARTED"])),
-            _text(command))
+            _percent(row.get(field["CPU%"])), _percent(row.get(field["NOW%"])),
+            _percent(row.get(field["MEM%"])), human_bytes(row.get(field["RSS"])),
+            human_bytes(row.get(field["READ/s"])), human_bytes(row.get(field["WRITE/s"])),
+            _started(row.get(field["STARTED"])), _text(command))
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], width: int | None = None) -> list[str]:
@@ -374,12 +636,53 @@ def format_table(rows: Sequence[Mapping[str, Any]], width: int | None = None) ->
     return lines
 
 
+def _limit(value: Any) -> str:
+    return "unlimited" if value is None else _text(value)
+
+
+def _detail_value(name: str, value: Any) -> list[str]:
+    """One field of the detail view as lines (nested groups spread over several)."""
+    if name == "listening":
+        return [f"{_text(s.get('proto'))} {_text(s.get('address'))}:{_text(s.get('port'))}"
+                for s in value if isinstance(s, dict)] or ["-"]
+    if name == "children":
+        return [f"{_text(c.get('pid'))} {_text(c.get('name'))} (parent {_text(c.get('ppid'))})"
+                for c in value if isinstance(c, dict)] or ["-"]
+    if name == "limits" and isinstance(value, dict):
+        return [f"{_text(k)}: soft {_limit(v.get('soft'))}, hard {_limit(v.get('hard'))}"
+                for k, v in value.items() if isinstance(v, dict)]
+    if isinstance(value, dict):
+        return [f"{_text(k)}={_text(v)}" for k, v in value.items()] or ["-"]
+    if name in ("mem_rss", "vms", "swap", "read_bytes", "write_bytes",
+                "read_bytes_per_second", "write_bytes_per_second"):
+        suffix = "/s" if name.endswith("per_second") else ""
+        return [f"{human_bytes(value)}{suffix} ({_text(value)})"]
+    return [_text(value)]
+
+
+def detail_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The `get --expand` view: per host, one `field: value` line per field (not a table)."""
+    lines: list[str] = []
+    for row in rows:
+        if lines:
+            lines.append("")
+        lines.append(f"{_text(row.get('host'))}  pid {_text(row.get('pid'))}")
+        width = max(len(k) for k in row)
+        for name, value in row.items():
+            if name in ("host", "pid"):
+                continue
+            values = _detail_value(name, value)
+            lines.append(f"  {name:<{width}}  {values[0] if values else '-'}")
+            lines += [f"  {'':<{width}}  {more}" for more in values[1:]]
+    return lines
+
+
 def print_results(results: Sequence[Mapping[str, Any]], field: str, *, out: TextIO,
-                  width: int | None) -> int:
+                  width: int | None, detail: bool = False) -> int:
     """Print the table and the failed/skipped lines; the exit status they imply."""
     rows = rows_of(results, field)
     if rows:
-        for line in format_table(rows, width):
+        for line in (detail_lines(rows) if detail else format_table(rows, width)):
             print(line, file=out)
     for line in problem_lines(results):
         print(line, file=out)
@@ -391,10 +694,20 @@ def nothing_found_message(args: argparse.Namespace, results: Sequence[Mapping[st
     hosts = len(results)
     where = f"{hosts} host{'s' if hosts != 1 else ''}"
     ok = sum(1 for r in results if r.get("status") == "ok")
+    not_found = sum(1 for r in results if r.get("error") == "process not found")
+    silent = hosts - ok - not_found  # failed or skipped: they said nothing either way
     if args.command == "get":
+        answered = ok + not_found
+        if silent:
+            return (f"process {_text(args.pid)} not found on the {answered} of {where} "
+                    f"targeted by {args.target!r} that answered; {silent} did not answer "
+                    "(failed or skipped)")
         return (f"process {_text(args.pid)} not found on any of {where} targeted by "
                 f"{args.target!r}")
     if ok:
+        if silent:
+            return (f"no process matched on the {ok} of {where} targeted by "
+                    f"{args.target!r} that answered; {silent} did not answer")
         return f"no process matched on {where} targeted by {args.target!r}"
     return f"no host targeted by {args.target!r} could list its processes ({where})"
 
@@ -423,19 +736,63 @@ def run(argv: Sequence[str], *, out: TextIO, environ: Mapping[str, str]) -> int:
     if args.command == "kill":
         return run_kill(args, base_url=base_url, key=key, timeout=timeout, out=out,
                         stdin=sys.stdin)
-    reply = call_service(base_url, request_path(args), key=key, timeout=timeout)
+    if args.command == "top":
+        return run_top(args, base_url, key, timeout, out)
+    fleet = getattr(args, "fleet", False)
+    if fleet and (args.sort is None or args.limit is None):
+        raise CliError("--fleet ranks across hosts: give --sort and --limit too", EXIT_USAGE)
+    field = "process" if args.command == "get" else "processes"
+    width = None if wide or not out.isatty() else shutil.get_terminal_size().columns
+    progress = None
+    if is_broadcast(args.target) and not as_json and not fleet:
+        progress = Progress(out, field, width)
+    try:
+        reply = call_service(base_url, request_path(args), key=key, timeout=timeout,
+                             on_line=progress)
+    finally:
+        if progress is not None:
+            progress.done()
     if as_json and reply.data is not None:
         out.write(visible_json(reply.body.decode("utf-8", errors="replace").rstrip("\n")) + "\n")
     results = check_reply(reply, base_url)
-    field = "process" if args.command == "get" else "processes"
+    if fleet and isinstance(reply.data, dict) and isinstance(reply.data.get("ranked"), list):
+        results = _in_rank_order(results, reply.data["ranked"])
     if as_json:
         status = EXIT_OK if rows_of(results, field) else EXIT_NOT_FOUND
+    elif progress is not None and not progress.tty and progress.hosts:
+        # Piped and streamed: the rows are out already; the hosts' problems and the summary.
+        status = EXIT_OK if rows_of(results, field) else EXIT_NOT_FOUND
+        for line in problem_lines(results):
+            print(line, file=out)
     else:
         width = None if wide or not out.isatty() else shutil.get_terminal_size().columns
-        status = print_results(results, field, out=out, width=width)
+        status = print_results(results, field, out=out, width=width,
+                               detail=bool(getattr(args, "expand", None)))
+    if not as_json and is_broadcast(args.target):
+        print(summary_line(results, field), file=out)
     if status == EXIT_NOT_FOUND:
         raise CliError(nothing_found_message(args, results), EXIT_NOT_FOUND)
     return status
+
+
+def _in_rank_order(results: Sequence[Mapping[str, Any]], ranked: Sequence[Any]
+                   ) -> list[Mapping[str, Any]]:
+    """A fleet ranking's results as one host-per-row list in the global order, so the table
+    reads top to bottom (failed and skipped hosts after)."""
+    by_host = {r["hostname"]: r for r in results}
+    ordered: list[Mapping[str, Any]] = []
+    for entry in ranked:
+        if not isinstance(entry, dict):
+            continue
+        result = by_host.get(str(entry.get("hostname")))
+        if result is None:
+            continue
+        process = next((p for p in result.get("processes") or () if isinstance(p, dict)
+                        and p.get("pid") == entry.get("pid")), None)
+        if process is not None:
+            ordered.append({"hostname": result["hostname"], "status": "ok",
+                            "processes": [process]})
+    return ordered + [r for r in results if r.get("status") != "ok"]
 
 
 # -- procfleet kill ----------------------------------------------------------------------------

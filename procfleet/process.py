@@ -20,6 +20,44 @@ PROCESS_FIELDS: Mapping[str, tuple[type, ...]] = {
     "pid": (int,), "name": (str,), "user": (str,), "state": (str,),
     "cpu_percent": (int, float), "mem_percent": (int, float), "mem_rss": (int,),
     "command": (str,), "start_time": (str,),
+    # Live rates over the exporter's sampling window (issue 10); absent until a process has
+    # lived through one window, and where its counters cannot be read.
+    "cpu_percent_recent": (int, float), "read_bytes_per_second": (int, float),
+    "write_bytes_per_second": (int, float), "window_seconds": (int, float),
+}
+
+# The seed's nine fields: their meanings never change (clients of the seed's schema rely on them).
+SEED_FIELDS = ("pid", "name", "user", "state", "cpu_percent", "mem_percent", "mem_rss",
+               "command", "start_time")
+RATE_FIELDS = ("cpu_percent_recent", "read_bytes_per_second", "write_bytes_per_second",
+               "window_seconds")
+
+# `?expand=` on a PID lookup: each group's name and the fields it adds to the process object
+# (docs/api.md, "Expanded groups"). The query service passes exactly these fields through.
+EXPAND_GROUPS: Mapping[str, tuple[str, ...]] = {
+    "basic": ("ppid", "num_threads", "nice", "vms", "swap", "cpu_user_seconds",
+              "cpu_system_seconds", "uids", "gids"),
+    "fds": ("num_fds", "fd_soft_limit", "fd_ratio"),
+    "io": ("read_bytes", "write_bytes"),
+    "exe": ("exe", "exe_deleted", "cwd"),
+    "cgroup": ("cgroup", "systemd_unit", "container_id", "pod_uid"),
+    "sockets": ("listening", "connections"),
+    "children": ("children", "children_truncated"),
+    "limits": ("limits",),
+    "environ": ("environ",),
+}
+# JSON types of the expanded fields, as the query service checks them.
+DETAIL_FIELDS: Mapping[str, tuple[type, ...]] = {
+    "ppid": (int,), "num_threads": (int,), "nice": (int,), "vms": (int,), "swap": (int,),
+    "cpu_user_seconds": (int, float), "cpu_system_seconds": (int, float),
+    "uids": (dict,), "gids": (dict,),
+    "num_fds": (int,), "fd_soft_limit": (int,), "fd_ratio": (int, float),
+    "read_bytes": (int,), "write_bytes": (int,),
+    "exe": (str,), "exe_deleted": (bool,), "cwd": (str,),
+    "cgroup": (str,), "systemd_unit": (str,), "container_id": (str,), "pod_uid": (str,),
+    "listening": (list,), "connections": (dict,),
+    "children": (list,), "children_truncated": (bool,),
+    "limits": (dict,), "environ": (dict,),
 }
 
 # The `error` of the exporter's 404 for a pid it has no process for. The query service tells
@@ -41,6 +79,10 @@ class ProcessInfo:
     mem_rss: int | None = None
     command: str | None = None
     start_time: str | None = None
+    cpu_percent_recent: float | None = None
+    read_bytes_per_second: float | None = None
+    write_bytes_per_second: float | None = None
+    window_seconds: float | None = None
 
     def to_json(self) -> dict[str, object]:
         # Hand-rolled: dataclasses.asdict deep-copies and costs a fifth of a lookup.

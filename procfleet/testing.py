@@ -91,7 +91,8 @@ def wait_ready(url: str, proc: subprocess.Popen[Any], timeout: float = 30.0,
     def ready() -> bool:
         if proc.poll() is not None:
             tail = f"\n{log.read_text(errors='replace')[-3000:]}" if log is not None else ""
-            raise AssertionError(f"{url}: server pid {proc.pid} exited with {proc.returncode}{tail}")
+            raise AssertionError(
+                f"{url}: server pid {proc.pid} exited with {proc.returncode}{tail}")
         return answers_200(url, timeout=1)
 
     wait_until(ready, timeout=timeout, what=f"{url} to answer 200")

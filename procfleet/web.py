@@ -17,9 +17,12 @@ import falcon
 
 from procfleet.params import (
     LIST_PARAMS,
+    LOOKUP_PARAMS,
     ListFilters,
+    LookupOptions,
     ParamError,
     parse_list_filters,
+    parse_lookup_options,
     single_values,
 )
 from procfleet.timefmt import rfc3339 as rfc3339  # re-exported: its old home
@@ -79,10 +82,19 @@ class QueryParamRule:
             raise falcon.HTTPBadRequest(title=PARAM_ERROR, description=str(exc)) from None
 
 
-def list_filters_or_400(req: falcon.Request) -> ListFilters:
-    """The list filters of a request (name, user, sort, limit); a bad one is a 400."""
+def list_filters_or_400(req: falcon.Request, allowed: Sequence[str] = LIST_PARAMS
+                        ) -> ListFilters:
+    """The list filters of a request (name, user, sort, limit, ...); a bad one is a 400."""
     try:
-        return parse_list_filters(single_values(req.params, LIST_PARAMS))
+        return parse_list_filters(single_values(req.params, allowed))
+    except ParamError as exc:
+        raise falcon.HTTPBadRequest(title=PARAM_ERROR, description=str(exc)) from None
+
+
+def lookup_options_or_400(req: falcon.Request) -> LookupOptions:
+    """The options of a PID lookup (expand, tree, start_time); a bad one is a 400."""
+    try:
+        return parse_lookup_options(single_values(req.params, LOOKUP_PARAMS))
     except ParamError as exc:
         raise falcon.HTTPBadRequest(title=PARAM_ERROR, description=str(exc)) from None
 

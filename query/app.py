@@ -19,31 +19,43 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import falcon
 
 import procfleet
-from procfleet.params import LIST_PARAMS
+from procfleet.params import (
+    LOOKUP_PARAMS,
+    QUERY_LIST_PARAMS,
+    ParamError,
+    check_scope,
+    single_values,
+)
 from procfleet.timefmt import rfc3339
 from procfleet.web import (
+    PARAM_ERROR,
     App,
     QueryParamRule,
     error_body,
     install_error_handling,
     list_filters_or_400,
+    lookup_options_or_400,
     pid_or_400,
 )
 from query import metrics as query_metrics
 from query import openapi
-from query.auth import PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
+from query.auth import ENVIRON_PERMISSION, PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
 from query.config import Config
 from query.discovery import Discovery
-from query.fanout import Fanout
+from query.fanout import Fanout, Result
 from query.lookup import Answer, Lookup
 from query.metrics import Metrics
+from query.rank import rank
 from query.sd import ServiceDiscoveryResource
 from query.signal import SignalAudit, SignalResource, SignalService
+from query.stream import NDJSON, ndjson_lines, wants_ndjson
 from query.targets import Target, TargetError, parse_target, resolve
 
 log = logging.getLogger(__name__)
@@ -71,7 +83,7 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
                                       AuthMiddleware(authenticator), QueryParamRule()])
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handling(app, log)
-    app.add_route("/node/{hostname}/process/{pid}", ProcessResource(lookup))
+    app.add_route("/node/{hostname}/process/{pid}", ProcessResource(lookup, authenticator))
     app.add_route("/node/{hostname}/process/{pid}/signal",
                   SignalResource(SignalService(discovery, fanout, observer=metrics)))
     app.add_route("/node/{hostname}/process", ProcessListResource(lookup))
@@ -211,33 +223,90 @@ def _respond(req: falcon.Request, resp: falcon.Response, answer: Answer, field: 
                   "results": [r.to_json(field) for r in answer.results]}
 
 
+def _stream_or_respond(req: falcon.Request, resp: falcon.Response,
+                       answer: Answer | Iterator[Result], field: str) -> None:
+    """A decided answer as JSON; results still coming as NDJSON lines (query/stream.py).
+
+    Everything that decides the status (auth, parameters, the target) ran before: once the
+    stream starts it is a 200 that ends with its summary line.
+    """
+    if isinstance(answer, Answer):
+        _respond(req, resp, answer, field)
+        return
+    req.context.summary = {"streamed": True}
+    resp.content_type = NDJSON
+    resp.stream = ndjson_lines(answer, field, req.context.job_id, req.context.started)
+
+
 class ProcessResource:
-    """`GET /node/{hostname}/process/{pid}`: one process, per targeted exporter."""
+    """`GET /node/{hostname}/process/{pid}`: one process, per targeted exporter.
+
+    `?expand=`, `?tree=` and `?start_time=` are checked here by the exporters' own rule and
+    passed on; `environ` also needs the key's process:read-environ permission.
+    """
 
     permission = "process:read"
+    query_params = LOOKUP_PARAMS
 
-    def __init__(self, lookup: Lookup) -> None:
+    def __init__(self, lookup: Lookup, authenticator: Authenticator | None = None) -> None:
         self.lookup = lookup
+        self.authenticator = authenticator
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, hostname: str, pid: str
                ) -> None:
         target = _target_or_400(hostname)
-        answer = self.lookup.process(target, pid_or_400(pid))
+        number = pid_or_400(pid)
+        options = lookup_options_or_400(req)
+        if "environ" in options.expand and self.authenticator is not None:
+            try:
+                self.authenticator.check(req, ENVIRON_PERMISSION)
+            except falcon.HTTPForbidden:
+                if "environ" in (req.get_param("expand") or "").split(","):
+                    raise  # asked for by name
+                # `all` means every group this key may see.
+                options = replace(options, expand=tuple(
+                    g for g in options.expand if g != "environ"))
+        if wants_ndjson(req):
+            _stream_or_respond(req, resp, self.lookup.stream_process(
+                target, number, options.to_params()), "process")
+            return
+        answer = self.lookup.process(target, number, options.to_params())
         _respond(req, resp, answer, "process")
 
 
 class ProcessListResource:
-    """`GET /node/{hostname}/process?name=&user=&sort=&limit=`: each exporter's list."""
+    """`GET /node/{hostname}/process?name=&user=&sort=&limit=&…&scope=`: each exporter's
+    list, or (`scope=fleet`) one ranking across them (query/rank.py)."""
 
     permission = "process:read"
-    query_params = LIST_PARAMS
+    query_params = QUERY_LIST_PARAMS
 
     def __init__(self, lookup: Lookup) -> None:
         self.lookup = lookup
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, hostname: str) -> None:
         target = _target_or_400(hostname)
-        answer = self.lookup.processes(target, list_filters_or_400(req).to_params())
+        filters = list_filters_or_400(req, QUERY_LIST_PARAMS)
+        try:
+            scope = check_scope(single_values(req.params, QUERY_LIST_PARAMS), filters)
+        except ParamError as exc:
+            raise falcon.HTTPBadRequest(title=PARAM_ERROR, description=str(exc)) from None
+        if scope == "fleet":  # a ranking needs every host's answer: never streamed
+            answer = self.lookup.processes(target, filters.to_params())
+            if answer.code != 200:
+                _respond(req, resp, answer, "processes")
+                return
+            assert filters.sort is not None and filters.limit is not None  # check_scope
+            shown, ranked = rank(answer.results, filters.sort, filters.limit)
+            req.context.summary = {"exporters": len(shown), "failed": sum(
+                1 for r in answer.results if r.status == "failed"), "ranked": len(ranked)}
+            resp.media = {"job_id": req.context.job_id, "results": shown, "ranked": ranked}
+            return
+        if wants_ndjson(req):
+            _stream_or_respond(req, resp, self.lookup.stream_processes(
+                target, filters.to_params()), "processes")
+            return
+        answer = self.lookup.processes(target, filters.to_params())
         _respond(req, resp, answer, "processes")
 
 

@@ -24,6 +24,8 @@ from query.config import ApiKey, Auth
 PUBLIC = "public"
 AUTHENTICATED = "authenticated"
 KEY_PREFIX = "pfq_"
+# Needed on top of process:read for `?expand=environ` (also asked by `expand=all`).
+ENVIRON_PERMISSION = "process:read-environ"
 CHALLENGE = 'Bearer realm="procfleet-query"'
 
 

@@ -53,7 +53,9 @@ from procfleet.logs import LOG_LEVELS
 from procfleet.netaddr import ListenError, parse_listen
 from query.targets import is_label_key, is_label_value
 
-PERMISSIONS = ("process:read", "node:read", "process:execute")  # execute: signals
+# process:read-environ: `?expand=environ` (or all) shows processes' environment variables;
+# process:execute: the signal action.
+PERMISSIONS = ("process:read", "node:read", "process:read-environ", "process:execute")
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_EXPORTER_URL = "http://127.0.0.1:9256"
 FILE_SD_SUFFIXES = (".json", ".yml", ".yaml")

@@ -34,20 +34,23 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import logging
 import math
+import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlencode
 
 import procfleet
 from procfleet.params import LIST_LIMIT_MAX
-from procfleet.process import NOT_FOUND_ERROR, PROCESS_FIELDS
+from procfleet.process import DETAIL_FIELDS, NOT_FOUND_ERROR, PROCESS_FIELDS
 from query import httpclient
 from query.breaker import Guards, Outcome
 from query.config import Config
@@ -70,10 +73,17 @@ NOT_FOUND_BODY_CAP = 64 * 1024  # an exporter's 404 error body is a few dozen by
 MAX_JSON_DEPTH = 32
 # JSON values one listed process may bring: its 9 fields and itself, plus room to grow. What
 # decoding costs is bounded by values (each at most ~70 bytes as Python objects), not bytes.
-VALUES_PER_PROCESS = 12
+VALUES_PER_PROCESS = 16  # 13 fields (issue 10 added four rates), and room for a few more
 # Request heads kept for reuse (exporter URL, token, path): more than one per exporter of the
 # largest fleet; past it they are all dropped and made again.
 MAX_KEPT_REQUESTS = 65_536
+# A streamed broadcast (`Fanout.stream`): results waiting for their reader at most, and how
+# long the loop keeps trying to hand one to a reader that does not take it before it gives
+# up on that reader (the exporters' results still reach every other request).
+STREAM_QUEUE_MAX = 64
+SLOW_READER_TIMEOUT = 10.0
+SLOW_READER_ERROR = "not streamed: the client read too slowly"
+_STREAM_POLL = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,16 +153,33 @@ class Call:
         return f"{self.path}?{urlencode(self.params)}" if self.params else self.path
 
 
-def process_call(pid: int, max_body_bytes: int = 1024 * 1024) -> Call:
-    """`GET /process/{pid}`: a 404 "process not found" is a valid answer."""
+def process_call(pid: int, max_body_bytes: int = 1024 * 1024,
+                 params: Mapping[str, str] | None = None) -> Call:
+    """`GET /process/{pid}`: a 404 "process not found" is a valid answer.
+
+    `params` (expand, tree, start_time: procfleet.params.LookupOptions.to_params) are passed
+    through; the expanded groups' fields (procfleet.process.DETAIL_FIELDS) are kept when the
+    exporter answers them with their documented JSON types.
+    """
+    expanded = bool(params and "expand" in params)
 
     def decode(data: Any) -> dict[str, Any]:
         process = clean_process(data)
         if process["pid"] != pid:
             raise BadBody(f"exporter answered for pid {process['pid']} instead of {pid}")
+        if expanded:
+            for name, kinds in DETAIL_FIELDS.items():
+                value = data.get(name)
+                if value is None:
+                    continue
+                if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                    raise BadBody(f"exporter answered a process whose {name!r} is "
+                                  f"{type(value).__name__}")
+                process[name] = value
         return process
 
-    return Call(f"/process/{pid}", decode, max_body_bytes, not_found_is_answer=True)
+    return Call(f"/process/{pid}", decode, max_body_bytes, params=dict(params or {}),
+                not_found_is_answer=True)
 
 
 def list_call(filters: Mapping[str, str], max_body_bytes: int = 16 * 1024 * 1024,
@@ -255,6 +282,70 @@ def _flight_key(exporter: Exporter, call: Call) -> FlightKey:
             call.max_values, action)
 
 
+class _ReaderGone(Exception):
+    """The stream's reader left, or read too slowly: stop handing it results."""
+
+
+class ResultStream:
+    """A broadcast's results in the order they arrive, for one reading thread.
+
+    Iterating yields one `Result` per exporter, each exactly once: those the loop handed over
+    (bounded queue of STREAM_QUEUE_MAX), then, when the request deadline (or the reader's
+    slowness) ended the broadcast, a result for each exporter not yet reported. `streamed`
+    tells the two apart (only the former say how an exporter is). Closing it early (the
+    client left) stops the broadcast's waiting on the loop.
+    """
+
+    def __init__(self, fanout: Fanout, exporters: Sequence[Exporter], bound: int,
+                 slow_reader_timeout: float) -> None:
+        self.exporters = exporters
+        self.slow_reader_timeout = slow_reader_timeout
+        self.queue: queue.Queue[tuple[int, Result]] = queue.Queue(bound)
+        self.left = False  # the reader closed the stream
+        self.dropped = False  # the loop gave up on a reader too slow
+        self.finished = False  # the loop has handed over all it will
+        self.streamed = False  # whether the last result yielded came from the loop
+        self._fanout = fanout
+        self._job: _Job | None = None
+        self._until = time.monotonic() + fanout.request_timeout + 5.0
+
+    def __iter__(self) -> Iterator[Result]:
+        seen = bytearray(len(self.exporters))
+        try:
+            while not (self.finished and self.queue.empty()):
+                try:
+                    index, result = self.queue.get(
+                        timeout=max(0.0, self._until - time.monotonic()))
+                except queue.Empty:
+                    break  # the loop is stuck: the rest are deadline results
+                if index < 0:
+                    break
+                seen[index] = 1
+                self.streamed = True
+                yield result
+            self.streamed = False
+            for index, exporter in enumerate(self.exporters):
+                if not seen[index]:
+                    yield (Result(exporter.hostname, "timeout", SLOW_READER_ERROR)
+                           if self.dropped else self._fanout._deadline_result(exporter))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the broadcast's waiting for this reader (idempotent)."""
+        if self.left:
+            return
+        self.left = True
+        job = self._job
+        if job is not None and not self.finished and not self._fanout._closed:
+            self._fanout._loop.call_soon_threadsafe(job.cancel)
+
+
+def _ready(ready: deque[int], wake: asyncio.Event, index: int, task: object) -> None:
+    ready.append(index)
+    wake.set()
+
+
 class Fanout:
     """Calls exporters: unicasts from the calling thread, broadcasts from an event-loop thread.
 
@@ -346,6 +437,14 @@ class Fanout:
             return self.first(exporters, call)
         results: list[Result] = self._run(self._all(exporters, call))
         return results
+
+    def stream(self, exporters: Sequence[Exporter], call: Call, *,
+               bound: int = STREAM_QUEUE_MAX,
+               slow_reader_timeout: float = SLOW_READER_TIMEOUT) -> ResultStream:
+        """Ask every exporter at once; their results as they arrive (see ResultStream)."""
+        stream = ResultStream(self, exporters, bound, slow_reader_timeout)
+        stream._job = self._submit(self._stream(exporters, call, stream))
+        return stream
 
     def first(self, exporters: Sequence[Exporter], call: Call) -> list[Result]:
         """Ask one exporter after another until one gives a valid answer.
@@ -452,6 +551,18 @@ class Fanout:
         the loop has not yet picked up earlier ones share one wake-up of the loop (each
         wake-up is a write to its self-pipe: a system call).
         """
+        job = self._submit(coro)
+        # The coroutine enforces the deadline itself; this bound only guards against a
+        # stuck loop, so a request thread can never wait forever.
+        if not job.done.acquire(timeout=self.request_timeout + 5.0):
+            self._loop.call_soon_threadsafe(job.cancel)
+            raise FanoutError(f"the fan-out did not finish within "
+                              f"{self.request_timeout + 5.0:.1f} s")
+        assert job.task is not None
+        return job.task.result()
+
+    def _submit(self, coro: Any) -> _Job:
+        """Hand `coro` to the loop thread (FanoutError when the fan-out is closed)."""
         if self._closed:
             coro.close()
             raise FanoutError("the fan-out is closed")
@@ -462,14 +573,7 @@ class Fanout:
             self._wake_pending = True
         if wake:
             self._loop.call_soon_threadsafe(self._start_jobs)
-        # The coroutine enforces the deadline itself; this bound only guards against a
-        # stuck loop, so a request thread can never wait forever.
-        if not job.done.acquire(timeout=self.request_timeout + 5.0):
-            self._loop.call_soon_threadsafe(job.cancel)
-            raise FanoutError(f"the fan-out did not finish within "
-                              f"{self.request_timeout + 5.0:.1f} s")
-        assert job.task is not None
-        return job.task.result()
+        return job
 
     def _start_jobs(self) -> None:
         with self._inbox_lock:
@@ -525,6 +629,103 @@ class Fanout:
                 else:
                     results[index] = task.result()
         return results  # type: ignore[return-value]  # every index was filled above
+
+    async def _stream(self, exporters: Sequence[Exporter], call: Call,
+                      stream: ResultStream) -> None:
+        """`_all`, handing each result to `stream` as it comes instead of all at the end.
+
+        The loop never blocks on the reader: a full queue is retried every few milliseconds
+        for at most `stream.slow_reader_timeout`, then the reader is dropped. A done-callback
+        per call (not asyncio.wait over all pending calls per arrival, which is quadratic)
+        says which call ended.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        flights = self._loop_flights
+        guards = self.guards
+        asked: dict[int, _LoopFlight] = {}
+        watched: list[tuple[asyncio.Task[Result], Callable[[object], None]]] = []
+        ready: deque[int] = deque()
+        wake = asyncio.Event()
+        try:
+            for index, exporter in enumerate(exporters):
+                name = exporter.hostname
+                if exporter.maintenance:
+                    await self._hand(stream, index, Result(name, "maintenance",
+                                                           MAINTENANCE_ERROR))
+                    continue
+                refused = guards.enter(name, block=False)
+                if refused is not None:
+                    await self._hand(stream, index, Result(name, "rejected", refused))
+                    continue
+                key = _flight_key(exporter, call)
+                flight = flights.get(key)
+                if flight is None:
+                    flight = flights[key] = _LoopFlight()
+                    flight.task = asyncio.create_task(self._call(exporter, call, key, flight))
+                flight.sharers += 1
+                asked[index] = flight
+                callback = functools.partial(_ready, ready, wake, index)
+                flight.task.add_done_callback(callback)
+                watched.append((flight.task, callback))
+            while asked:
+                while ready:
+                    index = ready.popleft()
+                    task = asked.pop(index).task
+                    await self._hand(stream, index, self._deadline_result(exporters[index])
+                                     if task.cancelled() else task.result())
+                if not asked:
+                    break
+                wake.clear()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        await wake.wait()
+                except TimeoutError:
+                    break
+        except _ReaderGone:
+            pass
+        finally:
+            for watched_task, watcher in watched:
+                watched_task.remove_done_callback(watcher)
+            for index, flight in asked.items():
+                if not flight.task.done() and flight.sharers > 0:
+                    flight.sharers -= 1
+                    guards.leave(exporters[index].hostname)
+            stream.finished = True
+            try:
+                stream.queue.put_nowait((-1, Result("", "timeout")))  # wakes a waiting reader
+            except queue.Full:
+                pass  # the reader finds `finished` once it has emptied the queue
+
+    async def _hand(self, stream: ResultStream, index: int, result: Result) -> None:
+        """Put one result in the stream's queue, waiting (without blocking the loop) for
+        room at most `stream.slow_reader_timeout`; _ReaderGone when the reader is gone."""
+        item = (index, result)
+        if stream.left:
+            raise _ReaderGone
+        try:
+            stream.queue.put_nowait(item)
+            return
+        except queue.Full:
+            pass
+        give_up = time.monotonic() + stream.slow_reader_timeout
+        while True:
+            await asyncio.sleep(_STREAM_POLL)
+            if stream.left:
+                raise _ReaderGone
+            try:
+                stream.queue.put_nowait(item)
+                return
+            except queue.Full:
+                if time.monotonic() >= give_up:
+                    stream.dropped = True
+                    log.warning("stream reader too slow: dropped", extra={"fields": {
+                        "waited_s": stream.slow_reader_timeout,
+                        "exporters": len(stream.exporters)}})
+                    raise _ReaderGone from None
 
     def _deadline_result(self, exporter: Exporter) -> Result:
         return Result(exporter.hostname, "timeout",

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from procfleet.process import NOT_FOUND_ERROR
 from query.config import FanoutLimits
 from query.discovery import Discovery, Exporter
-from query.fanout import Call, Fanout, Result, list_call, process_call
+from query.fanout import Call, Fanout, Result, ResultStream, list_call, process_call
 from query.targets import Target, resolve
 
 # How many failing exporters a 500's details name before summarising the rest by reason.
@@ -60,9 +60,10 @@ class Lookup:
         self.observer = observer
         self._fleet: object = None
 
-    def process(self, target: Target, pid: int) -> Answer:
-        """`GET /node/{target}/process/{pid}`."""
-        call = process_call(pid, self.limits.max_body_bytes)
+    def process(self, target: Target, pid: int,
+                params: Mapping[str, str] | None = None) -> Answer:
+        """`GET /node/{target}/process/{pid}`; `params` (expand, tree, start_time) passed on."""
+        call = process_call(pid, self.limits.max_body_bytes, params)
         return self._run(target, call, f"pid {pid}")
 
     def processes(self, target: Target, filters: Mapping[str, str]) -> Answer:
@@ -71,19 +72,57 @@ class Lookup:
                          self.limits.max_list_processes)
         return self._run(target, call, "the process list")
 
-    def _run(self, target: Target, call: Call, what: str) -> Answer:
+    def stream_process(self, target: Target, pid: int,
+                       params: Mapping[str, str] | None = None) -> Answer | Iterator[Result]:
+        """`process`, for a broadcast target, as results that stream in (see `_stream`)."""
+        return self._stream(target, process_call(pid, self.limits.max_body_bytes, params),
+                            f"pid {pid}")
+
+    def stream_processes(self, target: Target, filters: Mapping[str, str]
+                         ) -> Answer | Iterator[Result]:
+        """`processes`, for a broadcast target, as results that stream in."""
+        call = list_call(filters, self.limits.max_list_body_bytes,
+                         self.limits.max_list_processes)
+        return self._stream(target, call, "the process list")
+
+    def _stream(self, target: Target, call: Call, what: str) -> Answer | Iterator[Result]:
+        """An Answer when the status is not a streamed 200 (no exporter matches: 404; a
+        unicast target: its ordinary answer), else each exporter's result as it comes."""
+        exporters = self._targeted(target)
+        if not exporters:
+            return self._no_target(target)
+        if target.unicast:
+            return self._run(target, call, what)
+        return self._observed(self.fanout.stream(exporters, call))
+
+    def _observed(self, stream: ResultStream) -> Iterator[Result]:
+        try:
+            for result in stream:
+                if stream.streamed:  # not the ones made up for a deadline or a slow reader
+                    self._observe((result,))
+                yield result
+        finally:
+            stream.close()
+
+    def _targeted(self, target: Target) -> list[Exporter]:
         fleet = self.discovery.fleet
         if fleet is not self._fleet:  # exporters left: their breaker state goes with them
             self._fleet = fleet
             self.fanout.retain(fleet.by_hostname)
         if target.kind == "hostname" and target.hostname is not None:  # a dict look-up
             named = fleet.by_hostname.get(target.hostname)
-            exporters = [named] if named is not None else []
-        else:
-            exporters = resolve(target, fleet.exporters)
+            return [named] if named is not None else []
+        return resolve(target, fleet.exporters)
+
+    @staticmethod
+    def _no_target(target: Target) -> Answer:
+        return Answer(404, error="target not found",
+                      details=f"no exporter matches target {str(target)!r}")
+
+    def _run(self, target: Target, call: Call, what: str) -> Answer:
+        exporters = self._targeted(target)
         if not exporters:
-            return Answer(404, error="target not found",
-                          details=f"no exporter matches target {str(target)!r}")
+            return self._no_target(target)
         if target.kind == "any":
             candidates = [e for e in exporters if not e.maintenance]
             if candidates:

@@ -101,9 +101,9 @@ def test_get_prints_an_aligned_row_for_the_child(service: dict[str, str],
     assert cells[:2] == ["itest-0", str(child.pid)]
     assert cells[3] == pwd.getpwuid(os.getuid()).pw_name  # the user running the tests
     assert cells[4] in ("sleep", "running")
-    assert re.fullmatch(r"\d+(\.\d)?[BKMGT]", cells[7]), cells[7]  # RSS in human units
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d", cells[8]) and re.fullmatch(r"\d\d:\d\d:\d\d",
-                                                                       cells[9])
+    assert re.fullmatch(r"\d+(\.\d)?[BKMGT]", cells[8]), cells[8]  # RSS in human units
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", cells[11]) and re.fullmatch(r"\d\d:\d\d:\d\d",
+                                                                        cells[12])
     assert f"procfleet-itest-{groups.idle}" in rows[0]
     # The child's argv holds newlines: shown escaped, the process stays on one line.
     assert "time.sleep(0.2)\\n" in rows[0]
@@ -197,7 +197,9 @@ def test_json_prints_the_service_body(service: dict[str, str], tagged_children: 
     assert result["hostname"] == "itest-0" and result["status"] == "ok"
     assert result["process"]["pid"] == child.pid
     assert set(result["process"]) <= {"pid", "name", "user", "state", "cpu_percent",
-                                      "mem_percent", "mem_rss", "command", "start_time"}
+                                      "mem_percent", "mem_rss", "command", "start_time",
+                                      "cpu_percent_recent", "read_bytes_per_second",
+                                      "write_bytes_per_second", "window_seconds"}
 
 
 def test_json_of_an_error_prints_the_error_body_and_fails(service: dict[str, str]) -> None:
@@ -336,7 +338,8 @@ def test_help_documents_targets_environment_and_exit_status() -> None:
                  "_all", "group:web", "3  the query service failed"):
         assert text in run.out, text
     ps_help = procfleet("ps", "--help").out
-    for text in ("--name", "--user", "--sort", "{cpu,mem,rss,start}", "--limit", "--url"):
+    for text in ("--name", "--user", "--sort", "{cpu,mem,rss,start,cpu_recent}", "--limit",
+                 "--url"):
         assert text in ps_help, text
 
 
@@ -353,8 +356,7 @@ def test_human_bytes(count: int | None, text: str) -> None:
 def test_table_cuts_the_command_to_the_width_and_marks_missing_fields() -> None:
     row = {"host": "h", "pid": 7, "name": "kworker/0:1", "command": ""}
     [header, line] = format_table([row], width=200)
-    assert line.split() == ["h", "7", "kworker/0:1", "-", "-", "-", "-", "-", "-",
-                            "[kworker/0:1]"]
+    assert line.split() == ["h", "7", "kworker/0:1", *["-"] * 9, "[kworker/0:1]"]
     long = {"host": "h", "pid": 7, "name": "x", "command": "y" * 500}
     assert all(len(text) <= 80 for text in format_table([long], width=80))
 
@@ -368,3 +370,67 @@ def test_a_200_that_is_not_the_documented_shape_is_a_service_error() -> None:
         check_reply(Reply(502, b"<html>bad gateway</html>", None), "http://q")
     assert caught.value.status == 3
     assert "HTTP 502 without the documented error JSON" in caught.value.message
+
+
+# -- top (issue 10) ---------------------------------------------------------------------------
+
+def test_top_piped_prints_the_busiest_once(service: dict[str, str]) -> None:
+    from procfleet.cli import TOP_COLUMNS
+
+    run = procfleet("top", "_all", "--limit", "3", "--interval", "0.5", **service)
+    assert run.status == 0, run.err
+    lines = run.out.splitlines()
+    assert lines[0].split() == list(TOP_COLUMNS)
+    rows = [line for line in lines[1:] if not re.match(r"^\S+: (failed|skipped): ", line)]
+    assert 1 <= len(rows) <= 3
+    assert "\x1b[" not in run.out  # piped: no redraw codes
+
+
+def test_top_orders_every_host_by_recent_cpu() -> None:
+    from procfleet.cli import top_lines
+
+    rows = [{"host": "a", "pid": 1, "cpu_percent_recent": 5.0, "command": "x"},
+            {"host": "b", "pid": 2, "cpu_percent_recent": 150.0, "command": "y"},
+            {"host": "a", "pid": 3, "command": "young"},  # no window yet: idle
+            {"host": "b", "pid": 4, "cpu_percent_recent": 20.0, "command": "z"}]
+    lines = top_lines(rows, 3, None)
+    assert [line.split()[1] for line in lines[1:]] == ["2", "4", "1"]
+
+
+def test_top_on_a_terminal_redraws_until_ctrl_c(service: dict[str, str]) -> None:
+    import pty
+    import select
+    import signal
+    import subprocess
+    import time
+
+    leader, follower = pty.openpty()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PROCFLEET_")}
+    environ.update(PROCFLEET_URL=service["url"], PROCFLEET_API_KEY=service["key"])
+    exe = os.path.join(os.path.dirname(sys.executable), "procfleet")
+    proc = subprocess.Popen([exe, "top", "_all", "--interval", "0.5"], stdin=follower,
+                            stdout=follower, stderr=follower, env=environ)
+    os.close(follower)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while seen.count(b"\x1b[H\x1b[2J") < 2 and time.monotonic() < deadline:
+            if select.select([leader], [], [], 1.0)[0]:
+                seen += os.read(leader, 65536)
+        assert seen.count(b"\x1b[H\x1b[2J") >= 2, seen[-500:]  # redrawn in place
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        while select.select([leader], [], [], 0)[0]:
+            try:
+                more = os.read(leader, 65536)
+            except OSError:
+                break
+            if not more:
+                break
+            seen += more
+        os.close(leader)
+    assert b"Traceback" not in seen

@@ -28,6 +28,8 @@ from procfleet.params import (
     FILTER_MAX_LENGTH,
     LIST_LIMIT_MAX,
     LIST_PARAMS,
+    QUERY_LIST_PARAMS,
+    SORT_FIELDS,
     SORT_KEYS,
     ListFilters,
     ParamError,
@@ -84,14 +86,16 @@ def test_openapi_process_schema_is_the_process_object(service: str) -> None:
 
 def test_cli_columns_show_every_process_field() -> None:
     assert cli.COLUMNS == ("HOST", *cli.COLUMN_FIELDS)
-    assert sorted(cli.COLUMN_FIELDS.values()) == sorted(PROCESS_FIELDS)
+    # window_seconds is the exporter's rate interval, the same on every row: not a column.
+    assert sorted(cli.COLUMN_FIELDS.values()) == sorted(set(PROCESS_FIELDS) - {"window_seconds"})
     # Each field lands in its own column: a distinct value per field shows up where it should.
     row = {"host": "h", "pid": 41, "name": "n4", "user": "u4", "state": "s4",
-           "cpu_percent": 1.5, "mem_percent": 2.5, "mem_rss": 2048, "command": "c4",
-           "start_time": "2026-01-15T10:30:00Z"}
+           "cpu_percent": 1.5, "cpu_percent_recent": 3.5, "mem_percent": 2.5, "mem_rss": 2048,
+           "read_bytes_per_second": 4096.0, "write_bytes_per_second": 3 * 2**20,
+           "command": "c4", "start_time": "2026-01-15T10:30:00Z", "window_seconds": 5.0}
     assert set(row) - {"host"} == set(PROCESS_FIELDS)
-    assert cli.table_row(row) == ("h", "41", "n4", "u4", "s4", "1.5", "2.5", "2.0K",
-                                  "2026-01-15 10:30:00", "c4")
+    assert cli.table_row(row) == ("h", "41", "n4", "u4", "s4", "1.5", "3.5", "2.5", "2.0K",
+                                  "4.0K", "3.0M", "2026-01-15 10:30:00", "c4")
 
 
 # -- list filters ---------------------------------------------------------------------------
@@ -99,7 +103,7 @@ def test_cli_columns_show_every_process_field() -> None:
 @pytest.mark.parametrize("service", DOCS)
 def test_openapi_list_parameters_are_the_filter_rules(service: str) -> None:
     params = _query_params(DOCS[service], LIST_PATHS[service])
-    assert tuple(params) == LIST_PARAMS
+    assert tuple(params) == (QUERY_LIST_PARAMS if service == "query" else LIST_PARAMS)
     assert tuple(params["sort"]["schema"]["enum"]) == SORT_KEYS
     assert params["limit"]["schema"]["minimum"] == 1
     assert params["limit"]["schema"]["maximum"] == LIST_LIMIT_MAX
@@ -110,6 +114,9 @@ def test_openapi_list_parameters_are_the_filter_rules(service: str) -> None:
 
 def test_every_sort_key_has_an_order_and_the_cli_offers_each() -> None:
     assert tuple(SORT_ORDER) == SORT_KEYS
+    # The fleet ranking orders by the process field of each key.
+    assert tuple(SORT_FIELDS) == SORT_KEYS
+    assert set(SORT_FIELDS.values()) <= set(PROCESS_FIELDS)
     for key in SORT_KEYS:
         assert cli.build_parser().parse_args(["ps", "_all", "--sort", key]).sort == key
 
@@ -127,7 +134,7 @@ def test_valid_filters(values: dict[str, str], expected: ListFilters) -> None:
 
 
 @pytest.mark.parametrize("values, parameter, complaint", [
-    ({"sort": "CPU"}, "sort", "sort must be one of cpu, mem, rss, start, got 'CPU'"),
+    ({"sort": "CPU"}, "sort", "sort must be one of cpu, mem, rss, start, cpu_recent, got 'CPU'"),
     ({"sort": ""}, "sort", "sort must be one of"),
     ({"limit": "0"}, "limit", "limit must be an integer from 1 to 100000, got '0'"),
     ({"limit": "100001"}, "limit", "limit must be an integer from 1 to 100000"),
@@ -266,7 +273,7 @@ def test_a_repeated_parameter_is_a_400_naming_it(service: str, method: str, path
 @pytest.mark.parametrize("service", DOCS)
 def test_list_filters_are_refused_alike(service: str, clients: dict[str, Any]) -> None:
     path = _concrete(LIST_PATHS[service])
-    for query, complaint in [("sort=name", "sort must be one of cpu, mem, rss, start"),
+    for query, complaint in [("sort=name", "sort must be one of cpu, mem, rss, start, cpu_recent"),
                              ("limit=" + "9" * 5000, "limit must be an integer from 1"),
                              ("user=", "user must be 1 to 256 characters")]:
         body = _bad_request(clients[service].simulate_get(path, query_string=query))
