@@ -16,7 +16,7 @@ from exporter.pecompat import CompatError, translate
 from procfleet import __version__
 from procfleet.configcheck import ConfigError
 from procfleet.hostnames import hostname_problem
-from procfleet.logs import LOG_LEVELS, setup_logging
+from procfleet.logs import add_log_level_flag, setup_logging
 from procfleet.netaddr import ListenError, is_loopback, parse_listen
 from procfleet.serve import HEAD_TIMEOUT, raise_file_limit, serve
 
@@ -73,8 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "command lines are sensitive)")
     parser.add_argument("--hostname", metavar="NAME",
                         help="host name this exporter reports (default: the system's)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS,
-                        help="log verbosity (default: info, or log_level from the file)")
+    add_log_level_flag(parser)
     parser.add_argument("--allow-unauthenticated-nonloopback", action="store_true",
                         help="serve on a non-loopback address without a token (command lines "
                              "and metrics are then readable by anyone who can connect)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
-import json
 import logging
 import re
 from importlib import resources
@@ -26,12 +25,10 @@ from procfleet.process import NOT_FOUND_ERROR
 from procfleet.signals import (
     AUDIT_TEXT_MAX,
     BODY_MAX_BYTES,
+    COMMON_KEYS,
     SignalRequestError,
-    check_bool,
-    check_match,
-    check_object,
-    check_signal,
-    check_start_time,
+    check_common,
+    decode_body,
 )
 from procfleet.web import (
     App,
@@ -40,11 +37,22 @@ from procfleet.web import (
     list_filters_or_400,
     lookup_options_or_400,
     pid_or_400,
+    read_body_or_413,
 )
 
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/", "/healthz"})
+
+
+def bearer_matches(req: falcon.Request, digest: bytes) -> bool:
+    """True if `req` has `Authorization: Bearer <token>` for the token whose SHA-256 is `digest`.
+
+    Compared as digests, in constant time: the token's length and prefix do not show.
+    """
+    scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
+    presented = hashlib.sha256(token.strip().encode()).digest()
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented, digest)
 
 
 class TokenAuth:
@@ -57,9 +65,7 @@ class TokenAuth:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if req.path in self._open:
             return
-        scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
-        presented = hashlib.sha256(token.strip().encode()).digest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self._digest):
+        if not bearer_matches(req, self._digest):
             raise falcon.HTTPUnauthorized(
                 title="unauthorized",
                 description="this exporter needs 'Authorization: Bearer <token>'",
@@ -169,9 +175,7 @@ class SignalResource:
             req.context.signal_audited = True
             resp.media = outcome.to_json(request, self._hostname)
             return
-        scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
-        presented = hashlib.sha256(token.strip().encode()).digest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self._digest):
+        if not bearer_matches(req, self._digest):
             raise falcon.HTTPUnauthorized(
                 title="unauthorized",
                 description="signals need 'Authorization: Bearer <exporter token>'",
@@ -185,23 +189,14 @@ class SignalResource:
         resp.media = outcome.to_json(request, self._hostname)
 
 
-_SIGNAL_KEYS = frozenset({"signal", "start_time", "match", "dry_run", "job_id", "key"})
+_SIGNAL_KEYS = COMMON_KEYS | {"job_id", "key"}
 
 
 def _signal_request(req: falcon.Request, pid: int) -> SignalRequest:
     """The body of a signal request, bounded and validated; 400 or 413 naming the problem."""
-    length = req.content_length
-    if length is not None and length > BODY_MAX_BYTES:
-        raise falcon.HTTPContentTooLarge(
-            title="body too large", description=f"a signal request is at most "
-                                                f"{BODY_MAX_BYTES} bytes")
-    raw = req.bounded_stream.read(BODY_MAX_BYTES + 1)
-    if len(raw) > BODY_MAX_BYTES:
-        raise falcon.HTTPContentTooLarge(
-            title="body too large", description=f"a signal request is at most "
-                                                f"{BODY_MAX_BYTES} bytes")
+    raw = read_body_or_413(req, BODY_MAX_BYTES, "a signal request")
     try:
-        data = check_object(json.loads(raw) if raw else None, _SIGNAL_KEYS)
+        data = decode_body(raw, _SIGNAL_KEYS)
         relayed = {}
         for key in ("job_id", "key"):
             value = data.get(key)
@@ -209,16 +204,10 @@ def _signal_request(req: falcon.Request, pid: int) -> SignalRequest:
                                       or not 1 <= len(value) <= AUDIT_TEXT_MAX):
                 raise SignalRequestError(f"{key} must be 1 to {AUDIT_TEXT_MAX} characters")
             relayed[key] = value
-        return SignalRequest(pid=pid, signal=check_signal(data.get("signal")),
-                             start_time=check_start_time(data.get("start_time")),
-                             name=check_match(data.get("match")),
-                             dry_run=check_bool(data.get("dry_run"), "dry_run"), **relayed)
+        return SignalRequest(pid=pid, **check_common(data), **relayed)
     except SignalRequestError as exc:
         raise falcon.HTTPBadRequest(title="invalid signal request", description=str(exc)) \
             from None
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError
-        raise falcon.HTTPBadRequest(title="invalid signal request",
-                                    description="the body is not valid JSON") from None
 
 
 _SIGNAL_PATH = re.compile(r"/process/[^/]*/signal")

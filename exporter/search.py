@@ -172,8 +172,12 @@ class Search:
         return True
 
     def keeps_info(self, info: ProcessInfo) -> bool:
-        """The command-line tests, on the command line as shown (masked)."""
+        """The tests on the process object: its recent CPU, and the command line as shown
+        (masked)."""
         f = self.filters
+        if f.min_cpu_recent is not None and (info.cpu_percent_recent is None
+                                             or info.cpu_percent_recent < f.min_cpu_recent):
+            return False  # no rate yet is not a busy process: never invent a number
         if f.cmdline is None and self.pattern is None:
             return True
         shown = info.command or ""

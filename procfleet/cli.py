@@ -3,8 +3,8 @@
     procfleet get TARGET PID
     procfleet ps TARGET [--name NAME] [--user USER] [--sort cpu|mem|rss|start] [--limit N]
                  [--cmdline TEXT] [--cmdline-re RE2] [--state WORDS] [--port N] [--unit UNIT]
-                 [--container ID] [--ppid N] [--min-rss BYTES] [--started-before TIME]
-                 [--started-after TIME] [--fleet]
+                 [--container ID] [--ppid N] [--min-rss BYTES] [--min-cpu PERCENT]
+                 [--started-before TIME] [--started-after TIME] [--fleet]
     procfleet kill TARGET PID [--signal TERM] [--dry-run] [--batch 10%] [--yes]
     procfleet top TARGET [--limit N] [--interval S]
 
@@ -38,6 +38,7 @@ from procfleet import __version__
 # Both are standard library only, so the client still installs anywhere Python does.
 from procfleet.params import (
     EXPAND_NAMES,
+    LIST_PARAMS,
     SORT_KEYS,
     TREE_MAX,
     ParamError,
@@ -46,6 +47,7 @@ from procfleet.params import (
     check_expand,
     check_limit,
     check_number,
+    check_percent,
     check_start_time,
     check_states,
     check_text,
@@ -209,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="child of this process id")
     ps.add_argument("--min-rss", metavar="BYTES", type=_int_check("min_rss", 0, 1 << 62),
                     help="at least this many bytes resident")
+    ps.add_argument("--min-cpu", dest="min_cpu_recent", metavar="PERCENT",
+                    type=_checked(check_percent, "min_cpu_recent"),
+                    help="using at least this CPU%% over the exporters' last window "
+                         "(cpu_percent_recent; 100 is one core)")
     ps.add_argument("--started-before", metavar="TIME", type=_checked(check_time,
                                                                       "started_before"),
                     help="started before this RFC 3339 time (2026-01-15T10:30:00Z)")
@@ -309,9 +315,8 @@ def _int_check(name: str, low: int, high: int) -> Callable[[str], Any]:
     return _checked(lambda text: check_number(name, text, low, high))
 
 
-# ps options and the query parameters they become (--state's words are joined by commas).
-PS_PARAMS = ("name", "user", "sort", "limit", "cmdline", "cmdline_re", "state", "port", "unit",
-             "container", "ppid", "min_rss", "started_before", "started_after")
+# ps options are the list's query parameters (--state's words are joined by commas).
+PS_PARAMS = LIST_PARAMS
 
 
 # -- talking to the query service ----------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import queue
 import re
@@ -10,8 +11,14 @@ import threading
 import time
 from typing import TextIO
 
-# The `log_level` values of both services' configs and the exporter's --log-level.
+# The `log_level` values of both services' configs and their --log-level.
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_log_level_flag(parser: argparse.ArgumentParser) -> None:
+    """`--log-level LEVEL`, as both services take it: it beats the file's `log_level`."""
+    parser.add_argument("--log-level", choices=LOG_LEVELS,
+                        help="log verbosity (default: info, or log_level from the file)")
 
 
 class LogfmtFormatter(logging.Formatter):

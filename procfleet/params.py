@@ -29,7 +29,8 @@ LIST_LIMIT_MAX = 100_000
 FILTER_MAX_LENGTH = 256
 # GET /process on the exporter and GET /node/{target}/process on the query service.
 LIST_PARAMS = ("name", "user", "sort", "limit", "cmdline", "cmdline_re", "state", "port", "unit",
-               "container", "ppid", "min_rss", "started_before", "started_after")
+               "container", "ppid", "min_rss", "started_before", "started_after",
+               "min_cpu_recent")
 # The query service's list takes one more: how far `sort` and `limit` reach (docs/api.md).
 QUERY_LIST_PARAMS = (*LIST_PARAMS, "scope")
 SCOPES = ("host", "fleet")
@@ -64,7 +65,8 @@ class ListFilters:
     command line as shown (masked); `state` one or more state words; `port` a TCP port the
     process listens on; `unit` a systemd unit; `container` a container id prefix;
     `started_before`/`started_after` RFC 3339 text (kept as given, so `to_params` gives back
-    what was asked); `min_rss` bytes.
+    what was asked); `min_rss` bytes; `min_cpu_recent` a CPU% over the exporter's last window
+    (`cpu_percent_recent`: a process without one, too young or unreadable, does not match).
     """
 
     name: str | None = None
@@ -81,6 +83,7 @@ class ListFilters:
     min_rss: int | None = None
     started_before: str | None = None
     started_after: str | None = None
+    min_cpu_recent: float | None = None
 
     def to_params(self) -> dict[str, str]:
         """The filters as query parameters, as the exporters take them (unset ones left out)."""
@@ -247,6 +250,9 @@ CMDLINE_RE_MAX_LENGTH = 256
 # matching past this, instead of growing.
 CMDLINE_RE_MAX_MEM = 1 << 20
 PORT_MAX = 65535
+# 100 per core, like top; far above any machine, so a typo is caught rather than matching nothing.
+CPU_PERCENT_MAX = 100_000
+_DECIMAL_RE = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,3})?")
 PPID_MAX = 2147483647
 RSS_MAX = 1 << 62
 # A systemd unit name (systemd.unit(5): letters, digits, ":-_.\\" and "@" for templates).
@@ -275,6 +281,14 @@ def check_states(name: str, value: str) -> tuple[str, ...]:
             raise ParamError(name, f"{name} must be one or more of {', '.join(STATE_NAMES)} "
                                    f"(comma-separated), got {word[:_SHOWN]!r}")
     return tuple(dict.fromkeys(words))
+
+
+def check_percent(name: str, value: str) -> float:
+    """A CPU percentage: a plain decimal number (`50`, `12.5`) from 0 to CPU_PERCENT_MAX."""
+    if _DECIMAL_RE.fullmatch(value) and float(value) <= CPU_PERCENT_MAX:
+        return float(value)
+    raise ParamError(name, f"{name} must be a decimal number from 0 to {CPU_PERCENT_MAX}, "
+                           f"got {value[:_SHOWN]!r}")
 
 
 def check_unit(name: str, value: str) -> str:
@@ -354,6 +368,7 @@ _SEARCH_CHECKS: dict[str, Any] = {
     "min_rss": lambda name, value: check_number(name, value, 0, RSS_MAX),
     "started_before": check_time,
     "started_after": check_time,
+    "min_cpu_recent": check_percent,
 }
 
 

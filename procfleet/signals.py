@@ -7,9 +7,10 @@ the services turn that into their 400.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 # The signals the action may send, by the names the API uses (no SIG prefix). A short list on
 # purpose: STOP/CONT, SEGV and friends are debugging tools, not fleet operations.
@@ -19,6 +20,9 @@ _START_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}
 NAME_MAX_LENGTH = 256  # as a list filter (procfleet.web.FILTER_MAX_LENGTH)
 BODY_MAX_BYTES = 4096  # a signal request is a few dozen bytes; anything bigger is refused
 AUDIT_TEXT_MAX = 128  # job ids and key names relayed to an exporter's audit log
+# The body keys both services take; each adds its own (the query service its rollout, the
+# exporter the job id and key it is relayed).
+COMMON_KEYS = frozenset({"signal", "start_time", "match", "dry_run"})
 
 
 class SignalRequestError(ValueError):
@@ -76,3 +80,29 @@ def check_object(data: Any, allowed: frozenset[str]) -> Mapping[str, Any]:
         raise SignalRequestError(f"unknown key {unknown[0][:64]!r}: use "
                                  f"{', '.join(sorted(allowed))}")
     return data
+
+
+def decode_body(raw: bytes, allowed: frozenset[str]) -> Mapping[str, Any]:
+    """The request body decoded as a JSON object with only `allowed` keys."""
+    try:
+        decoded = json.loads(raw) if raw else None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise SignalRequestError("the body is not valid JSON") from None
+    return check_object(decoded, allowed)
+
+
+class CommonFields(TypedDict):
+    """The checked COMMON_KEYS, named as both services' SignalRequest names them."""
+
+    signal: str
+    start_time: str | None
+    name: str | None
+    dry_run: bool
+
+
+def check_common(data: Mapping[str, Any]) -> CommonFields:
+    """The COMMON_KEYS of a decoded body, each checked (signal first)."""
+    return CommonFields(signal=check_signal(data.get("signal")),
+                        start_time=check_start_time(data.get("start_time")),
+                        name=check_match(data.get("match")),
+                        dry_run=check_bool(data.get("dry_run"), "dry_run"))

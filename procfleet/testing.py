@@ -28,6 +28,19 @@ QUERY = str(BIN / "procfleet-query")
 # A Python child that spends its life asleep (state S) until killed.
 SLEEPER = "import sys, time\nwhile True: time.sleep(1)"
 SPINNER = "import sys\nwhile True: pass"
+# A Python child that counts the SIGHUPs it gets, a line each in the file argv[1], and makes
+# argv[1] + ".ready" once its handler is installed: a HUP before that would end it.
+HUP_COUNTER = """\
+import signal, sys, time
+out = sys.argv[1]
+def counted(signum, frame):
+    with open(out, "a") as f:
+        f.write("hup\\n")
+signal.signal(signal.SIGHUP, counted)
+open(out + ".ready", "w").close()
+while True:
+    time.sleep(0.05)
+"""
 
 
 # Ports free_port() handed out already. The kernel readily gives the same free port to
@@ -72,6 +85,16 @@ def wait_until(check: Callable[[], T], *, timeout: float = 10.0, what: str = "co
             why = f" (last error: {last_error})" if last_error else ""
             raise AssertionError(f"timed out after {timeout} s waiting for {what}{why}")
         time.sleep(interval)
+
+
+def assert_prefixes(messages: Sequence[str], expected: Sequence[str]) -> None:
+    """Exactly one message per `expected` prefix, in order: config problems named by key path,
+    without repeating the rest of each message in the test."""
+    if len(messages) != len(expected):
+        raise AssertionError(f"{len(messages)} messages, expected {len(expected)}: {messages}")
+    for message, prefix in zip(messages, expected, strict=True):
+        if not message.startswith(prefix):
+            raise AssertionError(f"{message!r} does not start with {prefix!r}")
 
 
 def answers_200(url: str, timeout: float = 5.0) -> bool:
@@ -181,6 +204,11 @@ def reap_all(procs: Sequence[subprocess.Popen[Any]]) -> None:
             proc.stdin.close()
 
 
+def hups(out: Path) -> int:
+    """How many SIGHUPs the HUP_COUNTER child counting in `out` has had so far."""
+    return len(out.read_text().splitlines()) if out.exists() else 0
+
+
 class Children:
     """Real child processes, each visible in /proc when returned; `reap()` ends them all."""
 
@@ -194,6 +222,16 @@ class Children:
     def spawn_argv(self, argv: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
         """Any program (not the test's Python), once it has exec'd."""
         return self._keep(spawn(argv, **popen))
+
+    def spawn_hup_counter(self, tmp: Path, **popen: Any
+                          ) -> tuple[subprocess.Popen[bytes], Path]:
+        """A HUP_COUNTER child once its handler is installed, and the file it counts in
+        (a new one in `tmp` for each child; read it with `hups`)."""
+        out = tmp / f"hups-{len(self.procs)}"
+        child = self.spawn(str(out), code=HUP_COUNTER, **popen)
+        wait_until(lambda: Path(f"{out}.ready").exists(),
+                   what=f"child {child.pid}'s HUP handler")
+        return child, out
 
     def _keep(self, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
         self.procs.append(proc)

@@ -62,6 +62,21 @@ def pid_or_400(text: str) -> int:
         raise falcon.HTTPBadRequest(title="invalid pid", description=str(exc)) from None
 
 
+def read_body_or_413(req: falcon.Request, limit: int, what: str) -> bytes:
+    """The request body, at most `limit` bytes; 413 naming `what` if it is longer.
+
+    Content-Length decides before anything is read; the read has its own bound as well, so
+    the limit does not rest on how the server filled in the length.
+    """
+    length = req.content_length
+    if length is None or length <= limit:
+        raw: bytes = req.bounded_stream.read(limit + 1)
+        if len(raw) <= limit:
+            return raw
+    raise falcon.HTTPContentTooLarge(title="body too large",
+                                     description=f"{what} is at most {limit} bytes")
+
+
 class QueryParamRule:
     """Middleware: the one query-parameter rule of both services, on every routed endpoint.
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from procfleet import __version__
 from procfleet.configcheck import ConfigError
-from procfleet.logs import setup_logging
+from procfleet.logs import add_log_level_flag, setup_logging
 from procfleet.netaddr import ListenError, is_loopback, parse_listen
 from procfleet.serve import raise_file_limit, serve
 from query import config as query_config
@@ -45,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", metavar="HOST:PORT",
                         help="address to serve on; beats the file's listen "
                              f"(default {query_config.DEFAULT_LISTEN})")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                        help="log verbosity (default: info, or log_level from the file)")
+    add_log_level_flag(parser)
     parser.add_argument("--allow-unauthenticated-nonloopback", action="store_true",
                         help="serve on a non-loopback address even when auth is disabled")
     parser.add_argument("--allow-insecure-config", action="store_true",
@@ -66,15 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def keygen(name: str, permissions: Sequence[str]) -> str:
-    """The text `keygen` prints: the key in a comment, then YAML for auth.api_keys."""
+    """The text `keygen` prints: the key in a comment, then YAML for auth.api_keys.
+
+    The entry is indented as it goes under `  api_keys:` (inside `auth:`), as in
+    config/query.yml, so the output pastes, or `sed '/^  api_keys:$/r FILE'` inserts, as is.
+    """
     key = new_key()
     granted = ", ".join(dict.fromkeys(permissions))
     return (f"# New API key {name!r}, shown only this once (the configuration keeps its hash):\n"
             f"#   {key}\n"
-            f"# Add under auth.api_keys in the query service configuration:\n"
-            f"- name: {name}\n"
-            f"  sha256: \"{key_hash(key)}\"\n"
-            f"  permissions: [{granted}]\n")
+            f"# Goes under \"  api_keys:\" in auth: of the query service configuration:\n"
+            f"    - name: {name}\n"
+            f"      sha256: \"{key_hash(key)}\"\n"
+            f"      permissions: [{granted}]\n")
 
 
 def _fail(message: str) -> int:

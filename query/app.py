@@ -9,18 +9,20 @@ Routes (see openapi.json for the shapes):
     GET /sd                              the exporters in Prometheus http_sd format  node:read
     GET /metrics                         the service's own metrics    node:read, or public
                                          with auth.protect_metrics: false
-    GET /healthz, /openapi.json                                                  public
+    GET /, /healthz, /openapi.json                                               public
 """
 
 from __future__ import annotations
 
 import atexit
+import html
 import logging
 import random
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from importlib import resources
 from typing import Any
 
 import falcon
@@ -49,6 +51,7 @@ from query import openapi
 from query.auth import ENVIRON_PERMISSION, PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
 from query.config import Config
 from query.discovery import Discovery
+from query.failurelog import ExporterFailureLog, ResultObservers
 from query.fanout import Fanout, Result
 from query.lookup import Answer, Lookup
 from query.metrics import Metrics
@@ -76,7 +79,8 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
     if metrics is None:
         metrics = Metrics(exporter_count=lambda: len(discovery.fleet.exporters),
                           reload_stats=discovery.reload_stats)
-    lookup = Lookup(discovery, fanout, limits=config.fanout, observer=metrics)
+    lookup = Lookup(discovery, fanout, limits=config.fanout,
+                    observer=ResultObservers(metrics, ExporterFailureLog()))
     authenticator = Authenticator(config.auth)
 
     app: App = falcon.App(middleware=[RequestLog(metrics), SignalAudit(metrics),
@@ -93,6 +97,7 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
     app.add_route("/metrics", MetricsResource(
         metrics, permission="node:read" if config.auth.protect_metrics else PUBLIC))
     app.add_route("/openapi.json", OpenAPIResource())
+    app.add_route("/", LandingResource())
     app.add_sink(NotFoundSink(authenticator), prefix="/")
     return app
 
@@ -395,3 +400,18 @@ class OpenAPIResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = openapi.document()
+
+
+class LandingResource:
+    """`GET /`: a small HTML page linking the other endpoints (public, like the exporter's)."""
+
+    permission = PUBLIC
+
+    def __init__(self) -> None:
+        template = resources.files("query").joinpath("landing.html").read_text("utf-8")
+        self._page = template.replace("{version}", html.escape(procfleet.__version__)).replace(
+            "{{hostname}}", "{hostname}").replace("{{pid}}", "{pid}")
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_HTML
+        resp.text = self._page

@@ -64,7 +64,10 @@ class Discovery:
 
     @classmethod
     def from_config(cls, config: Config) -> Discovery:
-        return cls(sources_for(config), strict=True, config=config)
+        """The discovery a configuration names, read once (a warning if it finds nobody)."""
+        discovery = cls(sources_for(config), strict=True, config=config)
+        discovery._warn_if_empty("start")
+        return discovery
 
     @classmethod
     def of(cls, exporters: Iterable[Exporter]) -> Discovery:
@@ -102,7 +105,9 @@ class Discovery:
         a required source that fails, or a merge that fails, changes nothing.
         """
         if self._load_config is None:
-            return self.refresh(force=True)
+            ok = self.refresh(force=True)
+            self._warn_if_empty("reload")
+            return ok
         try:
             config = self._load_config()
         except ConfigError as exc:
@@ -116,6 +121,7 @@ class Discovery:
         self._count("config", ok=applied)
         if not applied:
             return False
+        self._warn_if_empty("reload")
         old, self._config = self._config, config
         if old is not None:
             stale = [k for k in _RESTART_KEYS if getattr(old, k) != getattr(config, k)]
@@ -195,6 +201,14 @@ class Discovery:
                     "exporters": len(self._fleet.exporters),
                     "sources": ",".join(f"{n}={len(e)}" for n, e in latest.items())}})
             return True, not failed
+
+    def _warn_if_empty(self, when: str) -> None:
+        """An empty fleet answers every target with 404: say so where the operator looks."""
+        if self._fleet.exporters:
+            return
+        log.warning("discovery knows no exporters: every target is 'target not found' until "
+                    "a source gives one", extra={"fields": {
+                        "when": when, "sources": ",".join(s.name for s in self._sources)}})
 
     def _count(self, source: str, *, ok: bool) -> None:
         with self._lock:

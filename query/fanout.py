@@ -517,15 +517,13 @@ class Fanout:
                     origin, request = self._request(exporter, call)
                     outcome: httpclient.Response | Exception = self._sync.get(
                         origin, request, until, call.body_cap, fresh=call.method != "GET")
-                except TimeoutError:
+                except TimeoutError as exc:
                     if request_until <= exporter_until:
                         return self._deadline_result(exporter)
-                    liveness = "timeout"
-                    return Result(name, "timeout", self._timeout_error)
+                    outcome = exc
                 except (httpclient.HTTPError, ValueError) as exc:
                     outcome = exc
-                result = classify(name, call, outcome)
-                liveness = _liveness(result)
+                result, liveness = self._settle(name, call, outcome)
                 return result
             finally:
                 self._sync_slots.release()
@@ -731,6 +729,16 @@ class Fanout:
         return Result(exporter.hostname, "timeout",
                       f"timeout after {self.request_timeout:.1f} s (request deadline)")
 
+    def _settle(self, name: str, call: Call, outcome: httpclient.Response | Exception
+                ) -> tuple[Result, Outcome]:
+        """What one call came to, and what that says to the circuit breaker: the step after
+        the call, the same for both ways of calling. A TimeoutError here is the exporter's
+        own timeout (the caller answers a request deadline itself)."""
+        if isinstance(outcome, TimeoutError):
+            return Result(name, "timeout", self._timeout_error), "timeout"
+        result = classify(name, call, outcome)
+        return result, _liveness(result)
+
     async def _call(self, exporter: Exporter, call: Call, key: FlightKey,
                     flight: _LoopFlight) -> Result:
         """The one real call behind a broadcast's exporter, bounded by the exporter timeout
@@ -749,13 +757,9 @@ class Fanout:
                             outcome: httpclient.Response | Exception = \
                                 await self._client.get(origin, request, call.body_cap,
                                                        fresh=call.method != "GET")
-                    except TimeoutError:
-                        liveness = "timeout"
-                        return Result(name, "timeout", self._timeout_error)
-                    except (httpclient.HTTPError, ValueError) as exc:
+                    except (TimeoutError, httpclient.HTTPError, ValueError) as exc:
                         outcome = exc
-                    result = classify(name, call, outcome)
-                    liveness = _liveness(result)
+                    result, liveness = self._settle(name, call, outcome)
                     return result
             finally:
                 self.guards.finish_call(name, liveness)

@@ -155,8 +155,8 @@ def decide(target: Target, results: Sequence[Result], what: str = "the lookup") 
         if answer is None:
             return Answer(500, tuple(results), error="exporter failed",
                           details=_failures(results))
-        if answer.kind == "not_found":
-            return Answer(404, error=NOT_FOUND_ERROR,
+        if answer.kind == "not_found":  # the results stay for the log's exporter counts
+            return Answer(404, tuple(results), error=NOT_FOUND_ERROR,
                           details=f"exporter {answer.hostname} has no process with {what}")
         if target.kind == "any" and answer.kind == "maintenance":
             return Answer(200, tuple(sorted(results, key=_by_hostname)))

@@ -41,14 +41,12 @@ from prometheus_client import Counter
 
 from procfleet.signals import (
     BODY_MAX_BYTES,
+    COMMON_KEYS,
     SignalRequestError,
-    check_bool,
-    check_match,
-    check_object,
-    check_signal,
-    check_start_time,
+    check_common,
+    decode_body,
 )
-from procfleet.web import pid_or_400
+from procfleet.web import pid_or_400, read_body_or_413
 from query.discovery import Discovery, Exporter
 from query.fanout import BadBody, Call, Fanout, Result, clean_process
 from query.lookup import ResultObserver
@@ -59,7 +57,7 @@ log = logging.getLogger(__name__)
 audit_log = log.getChild("audit")  # a name of its own: operators route audit lines apart
 
 MAX_HOSTS_LIMIT = 1_000_000
-_BODY_KEYS = frozenset({"signal", "start_time", "match", "dry_run", "max_hosts", "batch"})
+_BODY_KEYS = COMMON_KEYS | {"max_hosts", "batch"}
 _EXPORTER_OUTCOMES = frozenset({"signalled", "dry_run", "refused", "mismatch", "failed"})
 ANSWER_MAX_BYTES = 64 * 1024  # an exporter's answer: one process object and a few fields
 
@@ -86,20 +84,13 @@ class SignalRequest:
 
 def parse_body(raw: bytes) -> SignalRequest:
     """The body as a SignalRequest, or SignalRequestError naming what is wrong."""
-    try:
-        decoded = json.loads(raw) if raw else None
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError
-        raise SignalRequestError("the body is not valid JSON") from None
-    data = check_object(decoded, _BODY_KEYS)
+    data = decode_body(raw, _BODY_KEYS)
     max_hosts = data.get("max_hosts")
     if max_hosts is not None and (isinstance(max_hosts, bool) or not isinstance(max_hosts, int)
                                   or not 1 <= max_hosts <= MAX_HOSTS_LIMIT):
         raise SignalRequestError(f"max_hosts must be a whole number from 1 to {MAX_HOSTS_LIMIT}")
-    return SignalRequest(signal=check_signal(data.get("signal")),
-                         start_time=check_start_time(data.get("start_time")),
-                         name=check_match(data.get("match")),
-                         dry_run=check_bool(data.get("dry_run"), "dry_run"),
-                         max_hosts=max_hosts, batch=_batch(data.get("batch")))
+    return SignalRequest(**check_common(data), max_hosts=max_hosts,
+                         batch=_batch(data.get("batch")))
 
 
 def _batch(value: Any) -> int | str | None:
@@ -320,7 +311,7 @@ class SignalResource:
             raise falcon.HTTPBadRequest(title="invalid target", description=str(exc)) from None
         number = pid_or_400(pid)
         try:
-            request = parse_body(_read_body(req))
+            request = parse_body(read_body_or_413(req, BODY_MAX_BYTES, "a signal request"))
         except SignalRequestError as exc:
             raise falcon.HTTPBadRequest(title="invalid signal request",
                                         description=str(exc)) from None
@@ -339,20 +330,6 @@ class SignalResource:
             raise falcon.HTTPError(answer.code, title=answer.error, description=answer.details)
         resp.media = {"job_id": req.context.job_id,
                       "results": [h.to_json(number, request.signal) for h in answer.results]}
-
-
-def _read_body(req: falcon.Request) -> bytes:
-    length = req.content_length
-    if length is not None and length > BODY_MAX_BYTES:
-        raise falcon.HTTPContentTooLarge(
-            title="body too large",
-            description=f"a signal request is at most {BODY_MAX_BYTES} bytes")
-    raw: bytes = req.bounded_stream.read(BODY_MAX_BYTES + 1)
-    if len(raw) > BODY_MAX_BYTES:
-        raise falcon.HTTPContentTooLarge(
-            title="body too large",
-            description=f"a signal request is at most {BODY_MAX_BYTES} bytes")
-    return raw
 
 
 class SignalAudit:

@@ -118,17 +118,23 @@ class FileSDSource:
         self._allow_insecure = allow_insecure
         self._signature: tuple[tuple[str, int, int, int, int, int, int], ...] | None = None
 
-    def _files(self) -> dict[str, FileSDEntry]:
+    def _files(self, *, warn: bool = False) -> dict[str, FileSDEntry]:
+        """The files the patterns match; with `warn`, a pattern matching none is logged."""
         found: dict[str, FileSDEntry] = {}
         for entry in self.entries:
             for pattern in entry.files:
-                for path in glob.glob(pattern):
-                    if os.path.isfile(path):
-                        found.setdefault(path, entry)  # the first entry naming it wins
+                matched = [path for path in glob.glob(pattern) if os.path.isfile(path)]
+                for path in matched:
+                    found.setdefault(path, entry)  # the first entry naming it wins
+                if warn and not matched:
+                    log.warning("file_sd pattern matches no file", extra={"fields": {
+                        "pattern": pattern}})
         return dict(sorted(found.items()))
 
     def poll(self, force: bool) -> Sequence[Exporter] | None:
-        files = self._files()
+        # Forced at start and on a reload (SIGHUP): then, and not on every poll, a pattern
+        # that matches nothing is worth a warning (a typo, or files not deployed yet).
+        files = self._files(warn=force)
         signature = []
         for path in files:
             try:

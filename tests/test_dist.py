@@ -73,7 +73,8 @@ def test_wheel_has_every_data_file_and_the_console_scripts(dist: dict[str, Path]
         entry_points = next(wheel.read(n).decode() for n in names
                             if n.endswith(".dist-info/entry_points.txt"))
     assert data_files() <= names, data_files() - names
-    assert {"exporter/openapi.json", "query/openapi.json", "exporter/landing.html"} <= names
+    assert {"exporter/openapi.json", "query/openapi.json", "exporter/landing.html",
+            "query/landing.html"} <= names
     for script in ("procfleet-exporter", "procfleet-query", "procfleet"):
         assert f"{script} = " in entry_points
     assert not any(n.startswith("tests/") for n in names)
@@ -141,8 +142,9 @@ def test_installed_services_answer_health_lookups_and_their_contracts(
         assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
         spec = requests.get(f"{url}/openapi.json", timeout=10)
         assert spec.status_code == 200 and spec.json()["openapi"].startswith("3.")
-    landing = requests.get(f"{exporter_url}/", timeout=10)
-    assert landing.status_code == 200 and "<html" in landing.text.lower()
+    for url in services:  # each page is a package data file the wheel must carry
+        landing = requests.get(f"{url}/", timeout=10)
+        assert landing.status_code == 200 and "<html" in landing.text.lower()
     child = subprocess.Popen(["sleep", "60"])
     try:
         answer = requests.get(f"{query_url}/node/{HOSTNAME}/process/{child.pid}",

@@ -40,3 +40,11 @@ def test_readme_names_the_python_version_and_the_make_variables() -> None:
     assert "make PYTHON=" in README
     for target in ("debs", "dist", "EXPORTER_PORT=", "QUERY_PORT="):
         assert target in README, target
+
+
+def test_the_path_parameter_is_hostname_and_said_once_to_take_any_target() -> None:
+    api_md = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    for name, text in (("README.md", README), ("docs/api.md", api_md)):
+        assert "{target}" not in text, f"{name} names the path parameter {{target}}"
+        said = re.findall(r"`\{hostname\}`[^.]*takes any[^.]*target[^.]*`_all`", text, re.S)
+        assert len(said) == 1, f"{name} should say once that {{hostname}} takes any target"

@@ -8,14 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from procfleet.testing import Children, Server
+from procfleet.testing import Server
 from procfleet.testing import start_exporter as start_exporter_server
-
-
-@pytest.fixture
-def children() -> Iterator[Children]:
-    with Children() as kids:
-        yield kids
 
 
 @pytest.fixture

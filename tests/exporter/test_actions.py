@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
-from pathlib import Path
 
 import falcon.testing
 import psutil
@@ -24,26 +22,12 @@ from exporter.config import Config, from_mapping
 from exporter.groups import parse_groups
 from exporter.procs import Sample
 from procfleet.configcheck import ConfigError, Problems
-from procfleet.testing import wait_until
+from procfleet.testing import hups, wait_until
 from procfleet.timefmt import rfc3339
 
 TOKEN = "signal-test-token"
 TOKEN_SHA = hashlib.sha256(TOKEN.encode()).hexdigest()
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-# A child that counts the HUPs it gets in a file, and says when its handler is installed.
-HUP_COUNTER = """\
-import signal, sys, time
-out = sys.argv[1]
-def counted(signum, frame):
-    with open(out, "a") as f:
-        f.write("hup\\n")
-signal.signal(signal.SIGHUP, counted)
-open(out + ".ready", "w").close()
-while True:
-    time.sleep(0.05)
-"""
-
 
 def config(*, enabled: bool = True, token: bool = True, **policy: object) -> Config:
     raw: dict = {"hostname": "web-01", "actions": {"signal": {"enabled": enabled, **policy}}}
@@ -58,17 +42,6 @@ def client(cfg: Config) -> falcon.testing.TestClient:
 
 def start_time_of(pid: int) -> str:
     return rfc3339(psutil.Process(pid).create_time())
-
-
-def hup_child(children, tmp_path: Path, **popen: object) -> tuple[subprocess.Popen, Path]:
-    out = tmp_path / f"hups-{len(children.procs)}"
-    child = children.spawn(str(out), code=HUP_COUNTER, **popen)
-    wait_until(lambda: Path(str(out) + ".ready").exists(), what="the HUP handler")
-    return child, out
-
-
-def hups(out: Path) -> int:
-    return len(out.read_text().splitlines()) if out.exists() else 0
 
 
 # -- against a real exporter server ------------------------------------------------------------
@@ -101,7 +74,7 @@ def test_term_ends_a_child_and_is_audited(enabled_exporter, children):
 
 
 def test_hup_reaches_the_handler(enabled_exporter, children, tmp_path):
-    child, out = hup_child(children, tmp_path)
+    child, out = children.spawn_hup_counter(tmp_path)
     answer = requests.post(f"{enabled_exporter.url}/process/{child.pid}/signal",
                            json={"signal": "HUP"}, headers=AUTH, timeout=10)
     assert answer.json()["outcome"] == "signalled"
@@ -189,7 +162,7 @@ def test_match_name_is_checked_when_sending(children):
 
 def test_a_dry_run_changes_nothing(children, tmp_path):
     app = client(config(allow_root=True))
-    child, out = hup_child(children, tmp_path)
+    child, out = children.spawn_hup_counter(tmp_path)
     answer = app.simulate_post(f"/process/{child.pid}/signal",
                                json={"signal": "HUP", "dry_run": True}, headers=AUTH)
     assert answer.json["outcome"] == "dry_run" and answer.json["changed"] is False

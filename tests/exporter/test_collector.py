@@ -22,7 +22,13 @@ from exporter.config import MAX_TOP_N, MetricsOptions, from_mapping, parse_metri
 from exporter.groups import GROUP_NAME_MAX, parse_groups
 from exporter.procs import UserNames, make_reader
 from procfleet.configcheck import Problems
-from procfleet.testing import Children, NamedChildren, wait_for_comm, wait_until
+from procfleet.testing import (
+    Children,
+    NamedChildren,
+    assert_prefixes,
+    wait_for_comm,
+    wait_until,
+)
 
 G = "namedprocess_namegroup_"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -453,9 +459,7 @@ def test_concurrent_scrapes_are_consistent(spawner: Spawner) -> None:
 def test_option_problems_are_named_by_key_path(raw: object, expected: list[str]) -> None:
     problems = Problems()
     parse_metrics_options(raw, problems)
-    assert len(problems.items) == len(expected), problems.items
-    for got, want in zip(problems.items, expected, strict=True):
-        assert got.startswith(want), got
+    assert_prefixes(problems.items, expected)
 
 
 def test_options_parse() -> None:

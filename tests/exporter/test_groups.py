@@ -28,7 +28,7 @@ from exporter.groups import (
 )
 from exporter.procs import ProcessError, UserNames, make_reader
 from procfleet.configcheck import ConfigError, Problems
-from procfleet.testing import NamedChildren
+from procfleet.testing import NamedChildren, assert_prefixes
 
 SLEEP = "/bin/sleep"
 SHELL = "/bin/sh"
@@ -112,9 +112,7 @@ def name_of(groups: tuple[GroupMatcher, ...], reader, pid: int) -> str | None:
 def test_problems_are_named_by_key_path(raw: object, expected: list[str]) -> None:
     problems = Problems()
     parse_groups(raw, problems)
-    assert len(problems.items) == len(expected), problems.items
-    for got, want in zip(problems.items, expected, strict=True):
-        assert got.startswith(want), got
+    assert_prefixes(problems.items, expected)
 
 
 def test_a_hostile_cmdline_regex_is_a_config_error_naming_its_key() -> None:

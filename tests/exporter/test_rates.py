@@ -236,3 +236,23 @@ def test_lookup_and_list_show_rates_and_sort_by_recent_cpu(children, marker) -> 
     assert ours.index(busy.pid) < ours.index(idle.pid)
     recent = [p.get("cpu_percent_recent", 0.0) for p in listed["processes"]]
     assert recent == sorted(recent, reverse=True)
+
+
+def test_min_cpu_recent_keeps_the_busy_child_and_never_a_process_without_a_rate(
+        children, marker) -> None:
+    reader = ProcfsReader()
+    sampler = RateSampler(reader, interval=1.0, background=False)
+    client = falcon.testing.TestClient(create_app(Config(), reader=reader, sampler=sampler))
+    idle = children.spawn(marker)
+    busy = children.spawn(marker, code=SPINNER)
+    sampler.sweep()
+    young = children.spawn(marker, code=SPINNER)  # busy, but no window measured yet
+    time.sleep(1.0)
+    sampler.sweep()
+    listed = client.simulate_get("/process", query_string=f"cmdline={marker}&min_cpu_recent=10")
+    pids = {p["pid"] for p in listed.json["processes"]}
+    assert busy.pid in pids
+    assert idle.pid not in pids and young.pid not in pids
+    assert all(p["cpu_percent_recent"] >= 10 for p in listed.json["processes"])
+    bad = client.simulate_get("/process", query_string="min_cpu_recent=-1")
+    assert bad.status_code == 400 and "min_cpu_recent" in bad.json["details"]

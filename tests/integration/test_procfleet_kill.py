@@ -15,26 +15,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
-from procfleet.testing import Server, free_port, reap, wait_until
+from procfleet.testing import Server, free_port, hups, wait_until
 
 EXPORTER_TOKEN = "kill-test-exporter-token"
 OPS_KEY = "pfq_kill-test-ops"
 READER_KEY = "pfq_kill-test-reader"
-HUP_COUNTER = """\
-import signal, sys, time
-out = sys.argv[1]
-def counted(signum, frame):
-    with open(out, "a") as f:
-        f.write("hup\\n")
-signal.signal(signal.SIGHUP, counted)
-open(out + ".ready", "w").close()
-while True:
-    time.sleep(0.05)
-"""
-SLEEPER = "import time\nwhile True: time.sleep(1)"
 BIN = Path(sys.executable).parent
 
 
@@ -81,29 +68,6 @@ def fleet(tmp_path_factory) -> Iterator[str]:
             server.stop()
 
 
-@pytest.fixture
-def kids() -> Iterator[list[subprocess.Popen]]:
-    started: list[subprocess.Popen] = []
-    yield started
-    for child in started:
-        reap(child)
-
-
-def spawn(kids: list, *args: str, code: str = SLEEPER) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kids.append(child)
-
-    def execed() -> bool:
-        try:
-            return psutil.Process(child.pid).cmdline()[1:3] == ["-c", code]
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            return False
-
-    wait_until(execed, what=f"child {child.pid} to exec")
-    return child
-
-
 def procfleet(url: str, *args: str, key: str = OPS_KEY, stdin: int | None = subprocess.DEVNULL
               ) -> subprocess.CompletedProcess:
     env = {**os.environ, "PROCFLEET_URL": url, "PROCFLEET_API_KEY": key}
@@ -111,8 +75,8 @@ def procfleet(url: str, *args: str, key: str = OPS_KEY, stdin: int | None = subp
                           timeout=60, env=env, stdin=stdin)
 
 
-def test_kill_shows_the_process_and_ends_it_with_yes(fleet, kids):
-    child = spawn(kids)
+def test_kill_shows_the_process_and_ends_it_with_yes(fleet, children):
+    child = children.spawn()
     done = procfleet(fleet, "kill", "web-01", str(child.pid), "--yes")
     assert done.returncode == 0, done.stderr
     assert "Sending SIGTERM to:" in done.stdout
@@ -122,8 +86,8 @@ def test_kill_shows_the_process_and_ends_it_with_yes(fleet, kids):
     assert child.wait(timeout=10) == -signal.SIGTERM
 
 
-def test_kill_without_a_terminal_or_yes_sends_nothing(fleet, kids):
-    child = spawn(kids)
+def test_kill_without_a_terminal_or_yes_sends_nothing(fleet, children):
+    child = children.spawn()
     done = procfleet(fleet, "kill", "web-01", str(child.pid))
     assert done.returncode == 2
     assert "--yes" in done.stderr
@@ -131,8 +95,8 @@ def test_kill_without_a_terminal_or_yes_sends_nothing(fleet, kids):
 
 
 @pytest.mark.parametrize(("answer", "signalled"), [("y\n", True), ("n\n", False)])
-def test_kill_asks_on_a_terminal(fleet, kids, answer, signalled):
-    child = spawn(kids)
+def test_kill_asks_on_a_terminal(fleet, children, answer, signalled):
+    child = children.spawn()
     controller, terminal = pty.openpty()
     try:
         os.write(controller, answer.encode())  # typed ahead: the terminal keeps it for read
@@ -149,22 +113,19 @@ def test_kill_asks_on_a_terminal(fleet, kids, answer, signalled):
         assert child.poll() is None
 
 
-def test_dry_run_and_hup(fleet, kids, tmp_path):
-    out = tmp_path / "hups"
-    child = spawn(kids, str(out), code=HUP_COUNTER)
-    wait_until(lambda: Path(str(out) + ".ready").exists(), what="the HUP handler")
+def test_dry_run_and_hup(fleet, children, tmp_path):
+    child, out = children.spawn_hup_counter(tmp_path)
     dry = procfleet(fleet, "kill", "web-01", str(child.pid), "--signal", "hup", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "Would send SIGHUP" in dry.stdout and "would be signalled" in dry.stdout
     real = procfleet(fleet, "kill", "web-01", str(child.pid), "-s", "HUP", "--yes")
     assert real.returncode == 0, real.stderr
-    wait_until(lambda: out.exists() and len(out.read_text().splitlines()) == 1,
-               what="one HUP")
+    wait_until(lambda: hups(out) == 1, what="one HUP")
     assert child.poll() is None
 
 
-def test_a_refusing_host_and_a_missing_permission(fleet, kids):
-    child = spawn(kids)
+def test_a_refusing_host_and_a_missing_permission(fleet, children):
+    child = children.spawn()
     refused = procfleet(fleet, "kill", "web-02", str(child.pid), "--yes")
     assert refused.returncode == 4
     assert "web-02: failed: signals are disabled" in refused.stdout

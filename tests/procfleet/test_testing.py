@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,24 @@ def test_wait_ready_fails_at_once_with_the_log_when_the_server_exits(tmp_path: P
                                 stdout=out, stderr=subprocess.STDOUT)
     with pytest.raises(AssertionError, match=r"exited with 3\nno config"):
         wait_ready(f"http://127.0.0.1:{free_port()}/healthz", proc, timeout=60, log=log)
+
+
+@pytest.mark.parametrize(("messages", "expected"), [
+    (["a.b: must be a list", "c: unknown key"], ["a.b: must be a list"]),  # one too many
+    (["a.b: must be a list"], ["a.b: must be a list", "c:"]),  # one missing
+    (["a.b: must be a list", "c: unknown key"], ["c:", "a.b:"]),  # another order
+])
+def test_assert_prefixes_fails_on_a_count_or_a_prefix(messages: list[str],
+                                                      expected: list[str]) -> None:
+    testing.assert_prefixes(messages, messages)  # each message is its own prefix
+    with pytest.raises(AssertionError):
+        testing.assert_prefixes(messages, expected)
+
+
+def test_a_hup_counter_counts_the_hups_it_gets(tmp_path: Path) -> None:
+    with Children() as children:
+        child, out = children.spawn_hup_counter(tmp_path)
+        assert testing.hups(out) == 0
+        child.send_signal(signal.SIGHUP)
+        testing.wait_until(lambda: testing.hups(out) == 1, what="one HUP counted")
+        assert child.poll() is None  # the handler kept it alive

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import falcon.testing
 import psutil
@@ -192,3 +193,14 @@ def test_end_to_end_with_the_real_exporter(real_exporter, child, start_service) 
     assert body["results"] == [{"hostname": "e2e-host", "status": "failed",
                                 "error": "process not found"}]
     assert service.stop() == 0
+
+
+def test_keygen_output_pastes_under_api_keys_of_the_shipped_config() -> None:
+    result = _run("keygen", "--name", "pasted", "--permission", "node:read")
+    shipped = (Path(__file__).resolve().parents[2] / "config" / "query.yml").read_text()
+    anchor = "\n  api_keys:\n"
+    assert shipped.count(anchor) == 1
+    pasted = shipped.replace(anchor, anchor + result.stdout)
+    config = parse(yaml.safe_load(pasted))
+    assert [k.name for k in config.auth.api_keys] == ["pasted", "example"]
+    assert config.auth.api_keys[0].permissions == frozenset({"node:read"})

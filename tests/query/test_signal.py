@@ -10,9 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import signal
-import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import psutil
 import pytest
 
 from procfleet.signals import SignalRequestError
-from procfleet.testing import Server, free_port, reap, wait_until
+from procfleet.testing import Server, free_port, hups, wait_until
 from procfleet.timefmt import rfc3339
 from query.config import parse
 from query.signal import SignalRequest, parse_body
@@ -32,18 +31,6 @@ PERMISSIONS = {"ops": ["process:read", "process:execute", "node:read"],
                "reader": ["process:read"]}
 OPS = {"Authorization": f"Bearer {KEYS['ops']}"}
 
-HUP_COUNTER = """\
-import signal, sys, time
-out = sys.argv[1]
-def counted(signum, frame):
-    with open(out, "a") as f:
-        f.write("hup\\n")
-signal.signal(signal.SIGHUP, counted)
-open(out + ".ready", "w").close()
-while True:
-    time.sleep(0.05)
-"""
-SLEEPER = "import time\nwhile True: time.sleep(1)"
 
 
 @pytest.fixture(scope="module")
@@ -88,41 +75,6 @@ def query(exporters, make_client) -> falcon.testing.TestClient:
     return make_client(query_config(exporters))
 
 
-@pytest.fixture
-def kids() -> Iterator[Callable[..., subprocess.Popen]]:
-    started: list[subprocess.Popen] = []
-
-    def spawn(*args: str, code: str = SLEEPER) -> subprocess.Popen:
-        child = subprocess.Popen([sys.executable, "-c", code, *args],
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-        started.append(child)
-        wait_until(lambda: _execed(child.pid, code), what=f"child {child.pid} to exec")
-        return child
-
-    yield spawn
-    for child in started:
-        reap(child)
-
-
-def _execed(pid: int, code: str) -> bool:
-    try:
-        return psutil.Process(pid).cmdline()[1:3] == ["-c", code]
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
-
-
-def hup_child(kids, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
-    out = tmp_path / "hups"
-    child = kids(str(out), code=HUP_COUNTER)
-    wait_until(lambda: Path(str(out) + ".ready").exists(), what="the HUP handler")
-    return child, out
-
-
-def hups(out: Path) -> int:
-    return len(out.read_text().splitlines()) if out.exists() else 0
-
-
 def started(pid: int) -> str:
     return rfc3339(psutil.Process(pid).create_time())
 
@@ -133,8 +85,8 @@ def post(query, path: str, body: Any, headers: dict[str, str] | None = None):
 
 # -- the action reaches real processes -----------------------------------------------------------
 
-def test_term_ends_a_child_on_one_host(query, kids):
-    child = kids()
+def test_term_ends_a_child_on_one_host(query, children):
+    child = children.spawn()
     answer = post(query, f"/node/web-01/process/{child.pid}/signal",
                   {"signal": "TERM", "start_time": started(child.pid)})
     assert answer.status_code == 200, answer.text
@@ -144,16 +96,16 @@ def test_term_ends_a_child_on_one_host(query, kids):
     assert child.wait(timeout=10) == -signal.SIGTERM
 
 
-def test_hup_reaches_the_handler(query, kids, tmp_path):
-    child, out = hup_child(kids, tmp_path)
+def test_hup_reaches_the_handler(query, children, tmp_path):
+    child, out = children.spawn_hup_counter(tmp_path)
     answer = post(query, f"/node/web-03/process/{child.pid}/signal", {"signal": "HUP"})
     assert answer.json["results"][0]["changed"] is True
     wait_until(lambda: hups(out) == 1, what="one HUP")
     assert child.poll() is None
 
 
-def test_a_reused_pid_is_refused(query, kids):
-    child = kids()
+def test_a_reused_pid_is_refused(query, children):
+    child = children.spawn()
     earlier = rfc3339(psutil.Process(child.pid).create_time() - 600)
     answer = post(query, f"/node/web-01/process/{child.pid}/signal",
                   {"signal": "KILL", "start_time": earlier})
@@ -164,16 +116,16 @@ def test_a_reused_pid_is_refused(query, kids):
     assert child.poll() is None
 
 
-def test_a_disabled_exporter_refuses(query, kids):
-    child = kids()
+def test_a_disabled_exporter_refuses(query, children):
+    child = children.spawn()
     answer = post(query, f"/node/web-02/process/{child.pid}/signal", {"signal": "TERM"})
     [result] = answer.json["results"]
     assert result["status"] == "failed" and "disabled" in result["error"]
     assert child.poll() is None
 
 
-def test_a_dry_run_changes_nothing(query, kids, tmp_path):
-    child, out = hup_child(kids, tmp_path)
+def test_a_dry_run_changes_nothing(query, children, tmp_path):
+    child, out = children.spawn_hup_counter(tmp_path)
     answer = post(query, f"/node/group:web/process/{child.pid}/signal",
                   {"signal": "HUP", "dry_run": True, "start_time": started(child.pid)})
     assert answer.status_code == 200
@@ -189,8 +141,8 @@ def test_a_dry_run_changes_nothing(query, kids, tmp_path):
 
 
 @pytest.mark.parametrize("batch", [1, "34%"])
-def test_a_rollout_stops_at_the_first_failing_batch(query, kids, tmp_path, batch):
-    child, out = hup_child(kids, tmp_path)
+def test_a_rollout_stops_at_the_first_failing_batch(query, children, tmp_path, batch):
+    child, out = children.spawn_hup_counter(tmp_path)
     name = psutil.Process(child.pid).name()
     answer = post(query, f"/node/group:web/process/{child.pid}/signal",
                   {"signal": "HUP", "match": {"name": name}, "batch": batch})
@@ -203,8 +155,8 @@ def test_a_rollout_stops_at_the_first_failing_batch(query, kids, tmp_path, batch
     assert hups(out) == 1
 
 
-def test_a_broadcast_without_batch_asks_everyone(query, kids, tmp_path):
-    child, out = hup_child(kids, tmp_path)
+def test_a_broadcast_without_batch_asks_everyone(query, children, tmp_path):
+    child, out = children.spawn_hup_counter(tmp_path)
     answer = post(query, f"/node/group:web/process/{child.pid}/signal",
                   {"signal": "HUP", "start_time": started(child.pid)})
     outcomes = [(r["status"], r["changed"]) for r in answer.json["results"]]
@@ -213,8 +165,8 @@ def test_a_broadcast_without_batch_asks_everyone(query, kids, tmp_path):
     wait_until(lambda: hups(out) >= 1, what="the HUPs")
 
 
-def test_a_broadcast_match_skips_hosts_where_the_pid_is_another_process(query, kids):
-    child = kids()
+def test_a_broadcast_match_skips_hosts_where_the_pid_is_another_process(query, children):
+    child = children.spawn()
     answer = post(query, f"/node/group:web/process/{child.pid}/signal",
                   {"signal": "TERM", "match": {"name": "not-this-one"}})
     statuses = [(r["hostname"], r["status"]) for r in answer.json["results"]]
@@ -224,8 +176,8 @@ def test_a_broadcast_match_skips_hosts_where_the_pid_is_another_process(query, k
 
 # -- guard rails of the query service ------------------------------------------------------------
 
-def test_a_key_without_process_execute_gets_403(query, kids):
-    child = kids()
+def test_a_key_without_process_execute_gets_403(query, children):
+    child = children.spawn()
     reader = {"Authorization": f"Bearer {KEYS['reader']}"}
     answer = post(query, f"/node/web-01/process/{child.pid}/signal", {"signal": "KILL"},
                   headers=reader)
@@ -236,14 +188,14 @@ def test_a_key_without_process_execute_gets_403(query, kids):
     assert child.poll() is None
 
 
-def test_get_is_405(query, kids):
-    child = kids()
+def test_get_is_405(query, children):
+    child = children.spawn()
     assert query.simulate_get(f"/node/web-01/process/{child.pid}/signal",
                               headers=OPS).status_code == 405
 
 
-def test_broadcast_needs_start_time_or_match_and_any_is_refused(query, kids):
-    child = kids()
+def test_broadcast_needs_start_time_or_match_and_any_is_refused(query, children):
+    child = children.spawn()
     answer = post(query, f"/node/_all/process/{child.pid}/signal", {"signal": "TERM"})
     assert answer.status_code == 400 and "start_time or match" in answer.json["details"]
     answer = post(query, f"/node/_any/process/{child.pid}/signal",
@@ -252,8 +204,8 @@ def test_broadcast_needs_start_time_or_match_and_any_is_refused(query, kids):
     assert child.poll() is None
 
 
-def test_max_hosts_refuses_a_larger_target(query, kids):
-    child = kids()
+def test_max_hosts_refuses_a_larger_target(query, children):
+    child = children.spawn()
     answer = post(query, f"/node/group:web/process/{child.pid}/signal",
                   {"signal": "TERM", "start_time": started(child.pid), "max_hosts": 2})
     assert answer.status_code == 400
@@ -261,8 +213,8 @@ def test_max_hosts_refuses_a_larger_target(query, kids):
     assert child.poll() is None
 
 
-def test_status_codes_as_for_the_lookup(query, kids):
-    child = kids()
+def test_status_codes_as_for_the_lookup(query, children):
+    child = children.spawn()
     child.kill()
     child.wait(timeout=10)
     gone = post(query, f"/node/web-01/process/{child.pid}/signal", {"signal": "TERM"})
@@ -274,9 +226,9 @@ def test_status_codes_as_for_the_lookup(query, kids):
     assert post(query, "/node/web-01/process/0/signal", {"signal": "TERM"}).status_code == 400
 
 
-def test_without_the_exporter_token_the_exporter_refuses(exporters, make_client, kids):
+def test_without_the_exporter_token_the_exporter_refuses(exporters, make_client, children):
     query = make_client(query_config(exporters, token=False))
-    child = kids()
+    child = children.spawn()
     answer = post(query, f"/node/web-01/process/{child.pid}/signal", {"signal": "TERM"})
     assert answer.status_code == 500
     assert "HTTP 401" in answer.json["details"]
@@ -318,8 +270,8 @@ def test_batch_sizes():
 
 # -- audit ------------------------------------------------------------------------------------
 
-def test_every_request_is_audited_and_counted(query, kids, caplog):
-    child = kids()
+def test_every_request_is_audited_and_counted(query, children, caplog):
+    child = children.spawn()
     caplog.set_level(logging.INFO, logger="query.signal.audit")
     post(query, f"/node/web-01/process/{child.pid}/signal",
          {"signal": "TERM", "dry_run": True})

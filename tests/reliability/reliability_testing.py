@@ -69,6 +69,22 @@ def raw_request(port: int, target: bytes, headers: Sequence[tuple[bytes, bytes]]
         return response.status, {k.lower(): v for k, v in response.getheaders()}, body
 
 
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes, return whatever comes back until the server closes (or b"")."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass  # the server may close before reading it all: that is a fine answer
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except OSError:
+            pass
+        return b"".join(chunks)
+
+
 def assert_error_body(status: int, headers: dict[str, str], body: bytes) -> dict:
     """The one error shape: JSON {error, details, code}, all set, code equal to the status."""
     assert headers.get("content-type", "").startswith("application/json"), headers

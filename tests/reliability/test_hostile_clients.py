@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from reliability_testing import assert_error_body, query_config
+from reliability_testing import assert_error_body, query_config, raw_exchange
 
 from procfleet.floods import (
     Trickle,
@@ -99,18 +99,24 @@ def _lookups(server: Server, pids: list[int], clients: int, rounds: int) -> None
 # -- more than 1,023 file descriptors ----------------------------------------------------------
 
 
+def _hold_idle(server: Server, idle: list[socket.socket], who: str) -> None:
+    """Open IDLE idle connections to `server` into `idle` (the caller closes them) and check
+    that it accepted them all, on socket fds past 1023, and lives."""
+    idle.extend(open_idle(server.port, IDLE))
+    wait_until(lambda: len(fd_numbers(server.pid)) > IDLE, timeout=30,
+               what=f"{who} to accept {IDLE} connections")
+    fds = fd_numbers(server.pid)
+    print(f"{who}: {len(fds)} open fds, highest {fds[-1]}")
+    assert socket_fd_numbers(server.pid)[-1] > 1023 and _alive(server)
+
+
 def test_exporter_survives_1100_idle_connections_after_lookups(tmp_path: Path,
                                                                sleepers: list[int]) -> None:
     server = start_exporter(tmp_path)
-    idle: list = []
+    idle: list[socket.socket] = []
     try:
         _lookups(server, sleepers[:20], clients=4, rounds=2)
-        idle = open_idle(server.port, IDLE)
-        wait_until(lambda: len(fd_numbers(server.pid)) > IDLE, timeout=30,
-                   what=f"the exporter to accept {IDLE} connections")
-        fds = fd_numbers(server.pid)
-        print(f"exporter: {len(fds)} open fds, highest {fds[-1]}")
-        assert socket_fd_numbers(server.pid)[-1] > 1023 and _alive(server)
+        _hold_idle(server, idle, "the exporter")
         assert server.healthy(timeout=5)  # under the connection limit: answered at once
         # The idle connections owe a request: the default 10 s deadline closes them.
         wait_until(lambda: all(closed_by_peer(s) for s in idle), timeout=60,
@@ -155,14 +161,9 @@ def test_query_service_survives_1100_idle_connections(tmp_path: Path,
                                                       sleepers: list[int]) -> None:
     exporter = start_exporter(tmp_path, hostname="hostile-1")
     query = start_query(tmp_path, query_config([("hostile-1", exporter.url)]))
-    idle: list = []
+    idle: list[socket.socket] = []
     try:
-        idle = open_idle(query.port, IDLE)
-        wait_until(lambda: len(fd_numbers(query.pid)) > IDLE, timeout=30,
-                   what=f"the query service to accept {IDLE} connections")
-        fds = fd_numbers(query.pid)
-        print(f"query: {len(fds)} open fds, highest {fds[-1]}")
-        assert socket_fd_numbers(query.pid)[-1] > 1023 and _alive(query)
+        _hold_idle(query, idle, "the query service")
         got = requests.get(f"{query.url}/node/hostile-1/process/{sleepers[0]}", timeout=10)
         assert got.status_code == 200 and sleepers[0] in _pids(got.json()), got.text[:300]
         close_all(idle)
@@ -255,25 +256,13 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Ser
     exporter.stop()
 
 
-def _raw_exchange(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(data)
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except ConnectionResetError:
-            pass
-        return b"".join(chunks)
-
-
 @pytest.mark.parametrize("kind", ["exporter", "query"])
 @pytest.mark.parametrize(("what", "data"), SMUGGLING, ids=[w for w, _ in SMUGGLING])
 def test_content_length_with_transfer_encoding_is_refused(services: dict[str, Server],
                                                           kind: str, what: str,
                                                           data: bytes) -> None:
     server = services[kind]
-    reply = _raw_exchange(server.port, data)
+    reply = raw_exchange(server.port, data)
     head, _, body = reply.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     assert status_line.split(" ")[1] == "400", reply[:300]

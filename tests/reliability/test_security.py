@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from reliability_testing import TOKEN, TOKEN_SHA256, new_api_key, query_config, token_config
+from reliability_testing import (
+    TOKEN,
+    TOKEN_SHA256,
+    new_api_key,
+    query_config,
+    raw_exchange,
+    token_config,
+)
 
 from procfleet.testing import (
     EXPORTER,
@@ -115,22 +122,6 @@ def test_exporter_never_logs_the_token(tmp: Path) -> None:
 # -- request size limits and slow clients (waitress settings, procfleet/serve.py) -----------
 
 
-def _raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
-    """Send raw bytes, return whatever comes back until the server closes (or b"")."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        try:
-            sock.sendall(data)
-        except OSError:
-            pass  # the server may close before reading it all: that is a fine answer
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except OSError:
-            pass
-        return b"".join(chunks)
-
-
 def _status(reply: bytes) -> int | None:
     if not reply.startswith(b"HTTP/1."):
         return None  # connection closed without an answer
@@ -159,7 +150,7 @@ def test_oversized_requests(what: str, data: bytes, kind: str, exporter: Server,
                             query: Server) -> None:
     """4xx or a closed connection, never a 5xx, and the server keeps serving."""
     server = exporter if kind == "exporter" else query
-    status = _status(_raw(server.port, data))
+    status = _status(raw_exchange(server.port, data))
     assert status is None or 400 <= status < 500, (what, status)
     assert server.healthy()
 
