@@ -12,6 +12,12 @@ cmdline: ['.+']`, process-exporter's packaged default). Each round, for each ser
 per live process, the ratio ours/theirs and our RSS, prints a table and writes
 bench/results/exporter_scrape.json. The bars (issue): ratio <= 0.5 (aim 0.25), RSS <= 40 MB.
 
+A third server, procfleet with `metrics: {threads_wchan: true}`, runs in the same rounds:
+the ratio "wchan on / off" is what namedprocess_namegroup_threads_wchan costs (one read of
+/proc/PID/wchan per process, plus a task directory listing and one read per thread for
+multi-threaded processes). The sleepers have one thread each; the host's other processes
+bring their threads.
+
 Also times collect() + generate_latest in this process (time.process_time) to split the
 cost between reading /proc and writing the exposition. Every child is cleaned up, even on
 error or Ctrl-C; the whole run is bounded (--budget seconds).
@@ -135,6 +141,9 @@ def main() -> int:
                   f"RLIMIT_NOFILE {nofile}", flush=True)
             ours_config = work / "procfleet-exporter.yml"
             ours_config.write_text(json.dumps({"groups": GROUP_BY_COMM}))  # JSON is YAML
+            wchan_config = work / "procfleet-exporter-wchan.yml"
+            wchan_config.write_text(json.dumps({"groups": GROUP_BY_COMM,
+                                                "metrics": {"threads_wchan": True}}))
             theirs_config = work / "process-exporter.yml"
             theirs_config.write_text(json.dumps({"process_names": GROUP_BY_COMM}))
 
@@ -145,6 +154,11 @@ def main() -> int:
                     "procfleet", [sys.executable, "-m", "exporter", "--listen",
                                   f"127.0.0.1:{port}", "--config", str(ours_config)],
                     f"http://127.0.0.1:{port}", "/healthz", work / "procfleet.log"))
+                port = free_port()
+                servers.append(Server(
+                    "procfleet+wchan", [sys.executable, "-m", "exporter", "--listen",
+                                        f"127.0.0.1:{port}", "--config", str(wchan_config)],
+                    f"http://127.0.0.1:{port}", "/healthz", work / "procfleet-wchan.log"))
             else:
                 ours_mode = "in-process only (exporter/__main__.py missing)"
             if Path(THEIRS).exists():
@@ -189,6 +203,9 @@ def report(rounds: dict[str, list[dict[str, float]]], breakdown: dict[str, float
     ours, theirs = medians.get("procfleet"), medians.get("process-exporter")
     ratio = (ours["cpu_s_per_scrape"] / theirs["cpu_s_per_scrape"]
              if ours and theirs and theirs["cpu_s_per_scrape"] else None)
+    wchan = medians.get("procfleet+wchan")
+    wchan_ratio = (wchan["cpu_s_per_scrape"] / ours["cpu_s_per_scrape"]
+                   if wchan and ours and ours["cpu_s_per_scrape"] else None)
     print()
     print(f"{'exporter':<18} {'CPU ms/scrape':>14} {'CPU us/process':>15} {'wall ms':>8} "
           f"{'RSS MB':>7} {'procs':>6} {'body KB':>8}")
@@ -205,6 +222,8 @@ def report(rounds: dict[str, list[dict[str, float]]], breakdown: dict[str, float
                    "meets the bar" if ratio <= RATIO_BAR else "OVER THE BAR")
         print(f"ratio ours/theirs CPU per scrape: {ratio:.2f} "
               f"(bar {RATIO_BAR}, aim {RATIO_AIM}): {verdict}")
+    if wchan_ratio is not None:
+        print(f"threads_wchan on / off, CPU per scrape: {wchan_ratio:.2f}")
     if "procfleet" in rss:
         ok = "ok" if rss["procfleet"] <= RSS_BAR else "OVER THE BAR"
         print(f"procfleet RSS {rss['procfleet'] / 2**20:.1f} MB (bar 40 MB): {ok}")
@@ -221,6 +240,7 @@ def report(rounds: dict[str, list[dict[str, float]]], breakdown: dict[str, float
         "medians": medians,
         "rounds": rounds,
         "ratio_ours_over_theirs": ratio,
+        "ratio_wchan_on_over_off": wchan_ratio,
         "rss_bytes": rss,
         "in_process": breakdown,
         "bars": {"ratio": RATIO_BAR, "ratio_aim": RATIO_AIM, "rss_bytes": RSS_BAR},

@@ -1,4 +1,8 @@
-"""Command line: `procfleet-exporter [--config FILE] [--listen HOST:PORT] [--hostname NAME]`."""
+"""Command line: `procfleet-exporter [--config FILE] [--listen HOST:PORT] [--hostname NAME]`.
+
+process-exporter's flag spellings (`-config.path`, `-web.listen-address`, `-children=false`,
+...) are accepted too, or refused saying why: see exporter/pecompat.py.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import logging
 import secrets
 import sys
 
+from exporter.pecompat import CompatError, translate
 from procfleet import __version__
 from procfleet.configcheck import ConfigError
 from procfleet.hostnames import hostname_problem
@@ -55,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-host process exporter: Prometheus metrics of process groups at "
                     "/metrics and fresh JSON lookups at /process/{pid}.",
         epilog="Flags beat the config file; the file beats built-in defaults. "
-               "'procfleet-exporter token' prints a new bearer token and its config lines.",
+               "'procfleet-exporter token' prints a new bearer token and its config lines. "
+               "process-exporter's flags work too (-config.path, -web.listen-address, "
+               "-children, -gather-smaps, -remove-empty-groups, -procfs /proc, "
+               "-threads=false, -recheck=false): see README.md.",
     )
     parser.add_argument("--config", metavar="FILE",
                         help="YAML configuration (default: built-in defaults, see "
@@ -102,7 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["token"]:
         return token_command(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    known = {option for action in parser._actions for option in action.option_strings}
+    try:
+        compat = translate(argv, known)
+    except CompatError as exc:
+        print(f"procfleet-exporter: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(compat.argv)
     # Imported here so `--help` and `token` work even where psutil cannot load.
     from exporter.app import create_app
     from exporter.config import Config, load
@@ -118,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"procfleet-exporter: --hostname {why}", file=sys.stderr)
         return 2
     config = config.with_overrides(listen=listen, hostname=args.hostname,
+                                   metrics=compat.metrics,
                                    rate_interval=args.rate_interval)
     host, port = config.listen
     if (not config.auth.enabled and not is_loopback(host)
@@ -131,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("starting exporter version %s for host %s (config: %s, token auth: %s)",
              __version__, config.hostname, config.source,
              "on" if config.auth.enabled else "off")
+    for note in compat.notes:
+        log.info("process-exporter flag %s", note)
     raise_file_limit()
     app = create_app(config)
     try:

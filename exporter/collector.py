@@ -15,6 +15,21 @@ working. One scrape reads every process once and produces, for example:
     namedprocess_namegroup_states{groupname="nginx",state="Sleeping"} 5.0
     procfleet_read_errors_total{kind="vanished"} 3.0
     procfleet_process_cpu_seconds_total{groupname="nginx",pid="1234",mode="user"} 3.2
+    namedprocess_namegroup_threads_wchan{groupname="nginx",wchan="ep_poll"} 5.0
+
+`namedprocess_namegroup_threads_wchan` (opt-in, `threads_wchan`) counts the threads of each
+group by the kernel function they sleep in, from /proc/PID/task/TID/wchan: every thread once,
+running threads (wchan 0) not at all. process-exporter counts the same threads, except that
+with its default -threads a multi-threaded process's main thread counts twice, and with
+-threads=false only main threads count.
+
+Expected groups (`MetricsOptions.expected_groups`) are exported from the first scrape with
+num_procs 0, like an empty group: gauges 0, counters 0 until a process of theirs runs; they
+are never dropped, neither by `drop_empty_groups` nor by the `EMPTY_GROUPS_KEPT` bound.
+Each is also marked by `procfleet_group_expected{groupname} 1`, so an alert can ask for
+"expected and no process" without listing the groups again:
+
+    procfleet_group_expected{groupname="cron"} 1.0
 
 Counters work as in process-exporter: each process incarnation (pid, start time) adds what it
 used since the previous scrape to its group's counters, so a group's counters never go down
@@ -44,7 +59,7 @@ from prometheus_client.registry import Collector
 from exporter.config import MetricsOptions
 from exporter.groups import GroupMatcher, name_process
 from exporter.masking import DEFAULT_MASKER, Masker
-from exporter.procs import ProcessDenied, ProcessGone, Reader, Sample
+from exporter.procs import ProcessDenied, ProcessError, ProcessGone, Reader, Sample
 
 ERROR_KINDS = ("vanished", "denied", "partial", "other")
 # Groups with no live process whose counters are kept. Names may carry argv text
@@ -112,6 +127,11 @@ class ProcessCollector(Collector):
         self._errors = dict.fromkeys(ERROR_KINDS, 0)
         self._scrapes = 0
         self._per_process_groups = frozenset(options.per_process_groups)
+        self._expected = frozenset(options.expected_groups)
+        for name in options.expected_groups:
+            self._accum[name] = [0.0] * 8
+        # group -> wchan -> threads, for the scrape under way (threads_wchan only)
+        self._wchans: dict[str, dict[str, int]] | None = None
 
     def describe(self) -> Iterator[Metric]:
         """The families this collector yields (for the registry's duplicate-name check)."""
@@ -135,6 +155,7 @@ class ProcessCollector(Collector):
         per_process: list[tuple[_Incarnation, Sample]] | None = (
             [] if options.per_process_top_n or options.per_process_groups else None)
         smaps = options.smaps and hasattr(reader, "proportional_memory")
+        self._wchans = {} if options.threads_wchan else None
 
         for pid in reader.pids():
             inc = known.get(pid)
@@ -195,7 +216,7 @@ class ProcessCollector(Collector):
         for group in gauges:
             empty.pop(group, None)
         for group in self._accum:
-            if group not in gauges and group not in empty:
+            if group not in gauges and group not in empty and group not in self._expected:
                 empty[group] = None
         while len(empty) > self._empty_groups_kept:
             group, _ = empty.popitem(last=False)
@@ -241,6 +262,16 @@ class ProcessCollector(Collector):
         if pss is not None:
             g[_G_PSS] += pss[0] or 0
             g[_G_SWAP_PSS] += pss[1] or 0
+        if self._wchans is not None:
+            try:
+                wchans = self._reader.wchans(sample.pid, sample.num_threads)
+            except ProcessError:
+                self._errors["partial"] += 1  # exited since its stat: counted without
+                return
+            counts = self._wchans.setdefault(group, {})
+            for wchan in wchans:
+                if wchan:
+                    counts[wchan] = counts.get(wchan, 0) + 1
 
     def _adopt_children(self, new_unmatched: list[tuple[_Incarnation, Sample, _Pss]],
                         fresh: dict[int, _Incarnation]
@@ -285,17 +316,22 @@ class ProcessCollector(Collector):
         options = self._options
         fam = _Families(options)
         fam.build_info.add_metric([self._version], 1)
+        for name in options.expected_groups:
+            fam.group_expected.add_metric([name], 1)
         for kind in ERROR_KINDS:
             fam.read_errors.add_metric([kind], self._errors[kind])
         empty = [0.0] * _GAUGE_SLOTS
         for group in sorted(self._accum):
             g = gauges.get(group)
             if g is None:
-                if options.drop_empty_groups:
+                if options.drop_empty_groups and group not in self._expected:
                     del self._accum[group]
                     continue
                 g = empty
             fam.add_group(group, g, self._accum[group])
+            if self._wchans:
+                for wchan, count in sorted(self._wchans.get(group, {}).items()):
+                    fam.threads_wchan.add_metric([group, wchan], count)
         if per_process:
             for inc, sample in self._chosen(per_process):
                 fam.add_process(inc.group or "", sample)
@@ -340,6 +376,7 @@ class _Families:
 
     def __init__(self, options: MetricsOptions) -> None:
         self.smaps = options.smaps
+        self.wchan = options.threads_wchan
         self.per_process = bool(options.per_process_top_n or options.per_process_groups)
         g = ["groupname"]
         self.num_procs = GaugeMetricFamily(
@@ -379,6 +416,14 @@ class _Families:
             "namedprocess_namegroup_states",
             "Number of processes in states Running, Sleeping, Waiting, Zombie, or Other",
             labels=["groupname", "state"])
+        self.threads_wchan = GaugeMetricFamily(
+            "namedprocess_namegroup_threads_wchan",
+            "Number of threads in this group waiting on each wchan",
+            labels=["groupname", "wchan"])
+        self.group_expected = GaugeMetricFamily(
+            "procfleet_group_expected",
+            "1 for each group the config declares expected (exported even with no process)",
+            labels=["groupname"])
         self.build_info = GaugeMetricFamily(
             "procfleet_build_info", "procfleet exporter version; always 1", labels=["version"])
         self.scrape_duration = GaugeMetricFamily(
@@ -434,8 +479,10 @@ class _Families:
             self.num_procs, self.cpu, self.read_bytes, self.write_bytes, self.major_faults,
             self.minor_faults, self.ctx_switches, self.memory, self.open_fds,
             self.worst_fd_ratio, self.oldest_start, self.num_threads, self.states,
-            self.build_info, self.scrape_duration, self.read_errors,
         ]
+        if self.wchan:
+            families.append(self.threads_wchan)
+        families += [self.group_expected, self.build_info, self.scrape_duration, self.read_errors]
         if self.per_process:
             families += [self.process_cpu, self.process_rss]
         return families

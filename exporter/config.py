@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.actions import SignalPolicy, parse_actions
-from exporter.groups import GroupMatcher, parse_groups
+from exporter.groups import GROUP_NAME_MAX, GroupMatcher, expected_names, parse_groups
 from exporter.masking import Masker, backtracking_risk, check_pattern
 from exporter.rates import DEFAULT_INTERVAL, DEFAULT_MAX_PROCESSES, INTERVAL_MAX, INTERVAL_MIN
 from procfleet.configcheck import ConfigError, Problems, is_sha256_hex, read_yaml
@@ -22,7 +22,9 @@ DEFAULT_LISTEN = "127.0.0.1:9256"
 MAX_TOP_N = 1000
 _PER_PROCESS_BY = ("cpu", "memory")
 _METRICS_KEYS = {"drop_empty_groups", "per_process_top_n", "per_process_by",
-                 "per_process_groups", "smaps", "children"}
+                 "per_process_groups", "smaps", "children", "threads_wchan"}
+# Groups exported before any of their processes runs: each is a few series for good.
+MAX_EXPECTED_GROUPS = 1000
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,11 @@ class MetricsOptions:
     per_process_groups: tuple[str, ...] = ()  # every process of these groups
     smaps: bool = False  # proportional memory from smaps_rollup: costly, off by default
     children: bool = True  # process-exporter's -children: unmatched children join the parent
+    # namedprocess_namegroup_threads_wchan: one read of /proc/PID/task/TID/wchan per thread
+    threads_wchan: bool = False
+    # Exported from the first scrape with num_procs 0 (`expected: true` and `expected_groups:`,
+    # set by `from_mapping`, not a key of `metrics:`); never dropped when empty.
+    expected_groups: tuple[str, ...] = ()
 
 
 def parse_metrics_options(raw: Any, problems: Problems, path: str = "metrics") -> MetricsOptions:
@@ -71,6 +78,7 @@ def parse_metrics_options(raw: Any, problems: Problems, path: str = "metrics") -
         per_process_groups=tuple(groups),
         smaps=problems.typed(data, "smaps", bool, False, path),
         children=problems.typed(data, "children", bool, True, path),
+        threads_wchan=problems.typed(data, "threads_wchan", bool, False, path),
     )
 
 
@@ -143,8 +151,9 @@ class Config:
 
     def with_overrides(self, *, listen: tuple[str, int] | None = None,
                        hostname: str | None = None,
+                       metrics: dict[str, Any] | None = None,
                        rate_interval: float | None = None) -> Config:
-        """Command-line flags beat the file."""
+        """Command-line flags beat the file; `metrics` replaces MetricsOptions fields."""
         changes: dict[str, Any] = {}
         if rate_interval is not None:
             changes["rates"] = replace(self.rates, interval_seconds=rate_interval)
@@ -152,6 +161,8 @@ class Config:
             changes["listen"] = listen
         if hostname is not None:
             changes["hostname"] = hostname
+        if metrics:
+            changes["metrics"] = replace(self.metrics, **metrics)
         return replace(self, **changes)
 
 
@@ -161,7 +172,7 @@ def valid_hostname(name: str) -> bool:
 
 
 _TOP_KEYS = {"listen", "hostname", "reader", "log_level", "auth", "masking", "groups", "metrics",
-             "actions", "rates", "expand"}
+             "actions", "rates", "expand", "process_names", "expected_groups"}
 
 
 def load(path: str | Path) -> Config:
@@ -193,8 +204,20 @@ def from_mapping(raw: Any, *, source: str = "<config>") -> Config:
 
     auth = _auth(problems.mapping(data.get("auth"), "auth"), problems)
     masker = _masking(problems.mapping(data.get("masking"), "masking"), problems)
-    groups = parse_groups(data.get("groups"), problems, "groups")
+    # A process-exporter config file (top-level `process_names:`) works unchanged: its
+    # list is our `groups:`.
+    if "process_names" in data and "groups" in data:
+        problems.add("process_names", "give either `groups:` or process-exporter's "
+                     "`process_names:`, not both")
+    key = "process_names" if "process_names" in data else "groups"
+    groups = parse_groups(data.get(key), problems, key)
     metrics = parse_metrics_options(data.get("metrics"), problems, "metrics")
+    expected = _expected_groups(data.get("expected_groups"), problems)
+    metrics = replace(metrics, expected_groups=tuple(
+        dict.fromkeys([*expected_names(groups), *expected])))
+    if len(metrics.expected_groups) > MAX_EXPECTED_GROUPS:
+        problems.add("expected_groups", f"at most {MAX_EXPECTED_GROUPS} expected groups, got "
+                     f"{len(metrics.expected_groups)}")
     rates = _rates(problems.mapping(data.get("rates"), "rates"), problems)
     expand_data = problems.mapping(data.get("expand"), "expand")
     problems.unknown_keys(expand_data, {"environ"}, "expand")
@@ -206,6 +229,24 @@ def from_mapping(raw: Any, *, source: str = "<config>") -> Config:
     return Config(listen=listen, hostname=hostname, reader=reader, log_level=log_level,
                   auth=auth, masker=masker, groups=groups, metrics=metrics, signal=signal,
                   rates=rates, expand=expand, source=source)
+
+
+def _expected_groups(raw: Any, problems: Problems) -> list[str]:
+    """`expected_groups:`, a list of group names exported from the first scrape."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        problems.add("expected_groups", f"must be a list of group names, got "
+                     f"{type(raw).__name__}")
+        return []
+    names = []
+    for i, name in enumerate(raw):
+        if not isinstance(name, str) or not name or len(name) > GROUP_NAME_MAX:
+            problems.add(f"expected_groups[{i}]", f"must be a group name of 1 to "
+                         f"{GROUP_NAME_MAX} characters, got {name!r:.80}")
+        else:
+            names.append(name)
+    return names
 
 
 def _auth(data: Any, problems: Problems) -> AuthConfig:
@@ -258,6 +299,6 @@ def _regex_list(data: Any, key: str, problems: Problems, *, value_group: bool) -
     return good
 
 
-__all__ = ["AuthConfig", "Config", "ConfigError", "DEFAULT_LISTEN", "ExpandOptions", "MAX_TOP_N",
-           "MetricsOptions", "RatesOptions", "from_mapping", "interval_problem", "load",
-           "parse_metrics_options", "valid_hostname"]
+__all__ = ["AuthConfig", "Config", "ConfigError", "DEFAULT_LISTEN", "ExpandOptions",
+           "MAX_EXPECTED_GROUPS", "MAX_TOP_N", "MetricsOptions", "RatesOptions", "from_mapping",
+           "interval_problem", "load", "parse_metrics_options", "valid_hostname"]

@@ -12,7 +12,14 @@ ncabatoff/process-exporter, so an existing `process_names:` list can be pasted i
 Selectors within one item must all match; the first item that matches a process names it.
 `name` is a template (default `{{.ExeBase}}`) over `{{.Comm}}`, `{{.ExeBase}}`,
 `{{.ExeFull}}`, `{{.Username}}`, `{{.Matches.NAME}}`, `{{.PID}}` and `{{.StartTime}}`.
-Without a `groups:` key every process, kernel threads included, is grouped by its comm.
+
+Two keys go beyond process-exporter's format: `kernel_thread: true|false` selects kernel
+threads (PF_KTHREAD) or user processes only, and `expected: true` (with a fixed `name`) makes
+the group exported from the first scrape even before any process of it runs.
+
+Without a `groups:` key (`DEFAULT_GROUPS`) every user process is grouped by its comm and
+all kernel threads form the one group `kernel_threads`: kworker/0:1-events and its kind
+rename themselves as they work, so a group per kernel-thread comm would churn without end.
 
 A process's group is decided once per incarnation (pid, start time), on first sight.
 
@@ -41,7 +48,8 @@ from exporter.procs import Sample
 from procfleet.configcheck import Problems
 
 DEFAULT_NAME = "{{.ExeBase}}"
-_ITEM_KEYS = {"name", "comm", "exe", "cmdline"}
+_ITEM_KEYS = {"name", "comm", "exe", "cmdline", "kernel_thread", "expected"}
+KERNEL_THREADS_GROUP = "kernel_threads"
 _FIELDS = ("Comm", "ExeBase", "ExeFull", "Username", "PID", "StartTime")
 _ACTION = re.compile(r"\{\{-?\s*(.*?)\s*-?\}\}", re.S)
 _FIELD_REF = re.compile(r"\.(\w+)(?:\.(\w+))?")
@@ -119,14 +127,18 @@ class GroupMatcher:
 
     `comm` is a set of exact comm values; `exe` pairs an argv[0] basename with the full path
     argv[0] must equal ("" when the basename alone is enough); `cmdline` regexes are searched
-    in argv joined by spaces, within the limits of `regex_text`. A matcher with no selector
-    at all matches every process.
+    in argv joined by spaces, within the limits of `regex_text`; `kernel_thread` True or
+    False takes only kernel threads or only user processes. A matcher with no selector at
+    all matches every process. `expected` asks for the group (`name` is then a fixed name)
+    to be exported before any of its processes runs.
     """
 
     name: str = DEFAULT_NAME
     comm: frozenset[str] | None = None
     exe: tuple[tuple[str, str], ...] | None = None
     cmdline: tuple[re.Pattern[str], ...] | None = None
+    kernel_thread: bool | None = None
+    expected: bool = False
     # Parsed from `name` when not given; config loading passes the one it parsed to report
     # problems, so a template is parsed once.
     template: _Template | None = field(default=None, repr=False, compare=False)
@@ -173,6 +185,8 @@ class GroupMatcher:
         `masker` (`{{.ExeFull}}`, `{{.ExeBase}}`, `{{.Matches.NAME}}`).
         """
         argv = sample.cmdline or []
+        if self.kernel_thread is not None and sample.kernel_thread != self.kernel_thread:
+            return None
         if self.comm is not None and sample.comm not in self.comm:
             return None
         if self.exe is not None:
@@ -270,8 +284,11 @@ def _go_time(epoch: float) -> str:
     return f"{text} {when.strftime('%z')} {when.tzname()}"
 
 
-# Every process, kernel threads included, grouped by its comm.
-DEFAULT_GROUPS: tuple[GroupMatcher, ...] = (GroupMatcher(name="{{.Comm}}"),)
+# Kernel threads in one group, every user process grouped by its comm (module docstring).
+DEFAULT_GROUPS: tuple[GroupMatcher, ...] = (
+    GroupMatcher(name=KERNEL_THREADS_GROUP, kernel_thread=True),
+    GroupMatcher(name="{{.Comm}}"),
+)
 
 
 def name_process(groups: Sequence[GroupMatcher], sample: Sample,
@@ -301,7 +318,7 @@ def parse_groups(raw: Any, problems: Problems, path: str = "groups") -> tuple[Gr
     """Validate the `groups:` list; every problem is added to `problems` by key path.
 
     A mapping holding only `process_names:` (a whole process-exporter config) is accepted
-    too. None means the default: every process grouped by comm.
+    too. None means the default (`DEFAULT_GROUPS`).
     """
     if raw is None:
         return DEFAULT_GROUPS
@@ -311,7 +328,8 @@ def parse_groups(raw: Any, problems: Problems, path: str = "groups") -> tuple[Gr
         problems.add(path, f"must be a list of group matchers, got {type(raw).__name__}")
         return DEFAULT_GROUPS
     if not raw:
-        problems.add(path, "must list at least one group (leave it out to group by comm)")
+        problems.add(path, "must list at least one group (leave it out for the default: "
+                     "user processes by comm, kernel threads in one group)")
         return DEFAULT_GROUPS
     matchers = []
     for i, item in enumerate(raw):
@@ -340,9 +358,16 @@ def _parse_item(item: Any, problems: Problems, where: str) -> GroupMatcher | Non
     comm = _strings(item, "comm", problems, where)
     exe = _strings(item, "exe", problems, where)
     cmdline = _strings(item, "cmdline", problems, where)
-    if comm is None and exe is None and cmdline is None and not any(
-            k in item for k in ("comm", "exe", "cmdline")):
-        problems.add(where, "needs at least one selector: comm, exe or cmdline")
+    kernel = problems.typed(item, "kernel_thread", bool, None, where)
+    if not any(k in item for k in ("comm", "exe", "cmdline", "kernel_thread")):
+        problems.add(where, "needs at least one selector: comm, exe, cmdline or kernel_thread")
+    expected = problems.typed(item, "expected", bool, False, where)
+    if expected and template is not None and template.fields:
+        problems.add(f"{where}.expected", "needs a fixed `name:` without {{...}} fields: "
+                     "the name of a group that may not exist yet cannot come from a process")
+    elif expected and "name" not in item:
+        problems.add(f"{where}.expected", "needs a fixed `name:` (the default name "
+                     "{{.ExeBase}} comes from a process)")
     regexes = []
     for j, pattern in enumerate(cmdline or ()):
         source = _GO_NAMED_GROUP.sub("(?P<", pattern)
@@ -367,6 +392,8 @@ def _parse_item(item: Any, problems: Problems, where: str) -> GroupMatcher | Non
         comm=frozenset(comm) if comm is not None else None,
         exe=exe_rules,
         cmdline=tuple(regexes) if cmdline is not None else None,
+        kernel_thread=kernel,
+        expected=expected,
     )
 
 
@@ -392,5 +419,11 @@ def _strings(item: Mapping[str, Any], key: str, problems: Problems,
     return good if len(good) == len(value) else None
 
 
+def expected_names(groups: Sequence[GroupMatcher]) -> list[str]:
+    """The names of the groups declared `expected: true`, in config order."""
+    return [m.name[:GROUP_NAME_MAX] for m in groups if m.expected]
+
+
 __all__ = ["CMDLINE_ARG_SPAN", "CMDLINE_SPAN", "DEFAULT_GROUPS", "DEFAULT_NAME", "GROUP_NAME_MAX",
-           "GroupMatcher", "name_process", "parse_groups", "regex_text"]
+           "KERNEL_THREADS_GROUP", "GroupMatcher", "expected_names", "name_process",
+           "parse_groups", "regex_text"]

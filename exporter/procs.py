@@ -38,6 +38,8 @@ STATE_WORDS = {
     "L": "lock",
 }
 
+_LINUX = sys.platform.startswith("linux")
+
 _PSUTIL_STATUS_CHAR = {
     psutil.STATUS_RUNNING: "R",
     psutil.STATUS_SLEEPING: "S",
@@ -55,6 +57,10 @@ _PSUTIL_STATUS_CHAR = {
 
 # The kernel truncates comm to 15 bytes; psutil completes such names from argv[0].
 _COMM_LEN = 15
+# /proc/PID/stat's flags (field 9): the task is a kernel thread (include/linux/sched.h).
+PF_KTHREAD = 0x00200000
+# A kernel symbol, as /proc/PID/wchan shows it, is at most KSYM_NAME_LEN (512) bytes.
+_WCHAN_MAX = 512
 
 
 class ProcessError(Exception):
@@ -149,6 +155,7 @@ class Sample:
     num_fds: int | None = None
     max_fds: int | None = None
     cmdline: list[str] | None = None
+    kernel_thread: bool = False  # PF_KTHREAD: no user space, no argv (kworker/0:1, ...)
 
     @property
     def name(self) -> str:
@@ -244,6 +251,10 @@ class Reader(Protocol):
         """Drop what is cached about processes not in `alive` (pid, start ticks)."""
         ...
 
+    def wchans(self, pid: int, num_threads: int) -> list[str]:
+        """The kernel function each thread of `pid` sleeps in ("" while running)."""
+        ...
+
     def counters(self, pid: int) -> Counters:
         """CPU time and storage I/O so far: the cheapest read the live rates need."""
         ...
@@ -336,6 +347,10 @@ class ProcFiles(Protocol):
         """Whether /proc/PID is there."""
         ...
 
+    def tasks(self, pid: int) -> list[int]:
+        """The thread ids in /proc/PID/task; their files read as NAME `task/TID/...`."""
+        ...
+
 
 class ProcDir:
     """The kernel's /proc (or a procfs mounted elsewhere)."""
@@ -374,6 +389,9 @@ class ProcDir:
 
     def exists(self, pid: int) -> bool:
         return os.path.exists(f"{self.root}/{pid}")
+
+    def tasks(self, pid: int) -> list[int]:
+        return [int(t) for t in os.listdir(f"{self.root}/{pid}/task")]
 
     def read_table(self, pid: int, name: str, limit: int = 8 << 20) -> bytes:
         """/proc/PID/NAME read to its end (at most `limit` bytes): seq_file tables such as
@@ -552,6 +570,7 @@ class ProcfsReader:
             majflt=int(f[9]),
             vsize=int(f[20]),
             rss=int(f[21]) * self.system.page_size,
+            kernel_thread=bool(int(f[6]) & PF_KTHREAD),
         )
 
     def _read_detail(self, sample: Sample, status: bytes) -> None:
@@ -592,6 +611,35 @@ class ProcfsReader:
         """Drop cached facts of processes that are no longer running."""
         for key in [k for k in self._max_fds if k not in alive]:
             del self._max_fds[key]
+
+    def wchans(self, pid: int, num_threads: int) -> list[str]:
+        """Each thread's /proc/PID/task/TID/wchan, "" for a running thread (the file says 0).
+
+        A single-threaded process is read through /proc/PID/wchan alone, without listing
+        its task directory. A thread that exits meanwhile is left out; denied (the kernel
+        shows 0 to whoever may not ptrace the task) reads as "".
+        """
+        if num_threads <= 1:
+            names = ["wchan"]
+        else:
+            try:
+                names = [f"task/{tid}/wchan" for tid in self.files.tasks(pid)]
+            except OSError as exc:
+                raise translate(exc, pid) from exc
+        found = []
+        for name in names:
+            try:
+                text = self._read(pid, name)
+            except OSError as exc:
+                if exc.errno in _DENIED_ERRNOS:
+                    found.append("")
+                    continue
+                if exc.errno in _GONE_ERRNOS and name != "wchan":
+                    continue  # one thread exited: the others still count
+                raise translate(exc, pid) from exc
+            symbol = _decode(text[:_WCHAN_MAX]).strip()
+            found.append("" if symbol == "0" else symbol)
+        return found
 
     def proportional_memory(self, pid: int) -> tuple[int | None, int | None]:
         """(PSS, swap PSS) in bytes from smaps_rollup; costly for big processes, so opt-in.
@@ -645,6 +693,8 @@ class PsutilReader:
                 majflt=majflt,
                 vsize=mem.vms,
                 rss=mem.rss,
+                # psutil has no task flags; on Linux every kernel thread is kthreadd's child.
+                kernel_thread=_LINUX and (pid == 2 or proc.ppid() == 2),
             )
             sample.uid = _maybe(lambda: proc.uids().real)
             if cmdline:
@@ -683,6 +733,10 @@ class PsutilReader:
         if not psutil.pid_exists(pid):
             raise ProcessGone(pid)
         return self.sample(pid)
+
+    def wchans(self, pid: int, num_threads: int) -> list[str]:
+        """psutil has no wchan: none known (the metric then has no series)."""
+        return []
 
     @wrap_exceptions
     def proportional_memory(self, pid: int) -> tuple[int | None, int | None]:

@@ -13,7 +13,7 @@ import errno
 import os
 from dataclasses import dataclass, field
 
-from exporter.procs import ProcfsReader, SystemFacts
+from exporter.procs import PF_KTHREAD, ProcfsReader, SystemFacts
 
 CLOCK_TICKS = 100
 PAGE_SIZE = 4096
@@ -47,14 +47,18 @@ class FakeProcess:
     max_fds: int = 1024
     pss_kb: int = 0
     swap_pss_kb: int = 0
-    kernel_thread: bool = False  # no memory of its own: smaps_rollup answers ESRCH
+    kernel_thread: bool = False  # PF_KTHREAD in stat; no memory: smaps_rollup answers ESRCH
+    # /proc/PID/task/TID/wchan of each thread, main thread first; "0" for one running.
+    # Shorter than num_threads: the rest are running.
+    wchans: list[str] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)  # file name -> errno of its read
     vanish_after: str | None = None  # the process exits right after this file is read
 
     def render(self, name: str) -> bytes:
         if name == "stat":
             fields = [0] * 52
-            fields[:22] = [self.ppid, 0, 0, 0, -1, 0, self.minflt, 0, self.majflt, 0,
+            flags = PF_KTHREAD if self.kernel_thread else 0
+            fields[:22] = [self.ppid, 0, 0, 0, -1, flags, self.minflt, 0, self.majflt, 0,
                            self.utime, self.stime, 0, 0, 20, 0, self.num_threads, 0,
                            self.start_ticks, self.vsize, self.rss_pages]
             rest = " ".join(str(f) for f in fields[:50])
@@ -85,7 +89,15 @@ class FakeProcess:
             return (f"00400000-7fff0000 ---p 00000000 00:00 0  [rollup]\n"
                     f"Rss:            {self.rss_pages * 4} kB\nPss:            {self.pss_kb} kB\n"
                     f"SwapPss:        {self.swap_pss_kb} kB\n").encode()
+        if name == "wchan" or name.startswith("task/") and name.endswith("/wchan"):
+            tid = self.pid if name == "wchan" else int(name.split("/")[1])
+            index = self.tids().index(tid)
+            return (self.wchans[index] if index < len(self.wchans) else "0").encode()
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+    def tids(self) -> list[int]:
+        """Thread ids: the pid, then made-up ids no process of a small table uses."""
+        return [self.pid] + [self.pid * 1000 + i for i in range(1, self.num_threads)]
 
 
 class FakeProc:
@@ -127,6 +139,9 @@ class FakeProc:
 
     def exists(self, pid: int) -> bool:
         return pid in self.table
+
+    def tasks(self, pid: int) -> list[int]:
+        return self._opened(pid, "task").tids()
 
     def _opened(self, pid: int, name: str) -> FakeProcess:
         self.reads.append((pid, name))

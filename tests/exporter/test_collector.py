@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -21,7 +22,13 @@ from exporter.config import MAX_TOP_N, MetricsOptions, from_mapping, parse_metri
 from exporter.groups import GROUP_NAME_MAX, parse_groups
 from exporter.procs import UserNames, make_reader
 from procfleet.configcheck import Problems
-from procfleet.testing import NamedChildren, assert_prefixes, wait_for_comm, wait_until
+from procfleet.testing import (
+    Children,
+    NamedChildren,
+    assert_prefixes,
+    wait_for_comm,
+    wait_until,
+)
 
 G = "namedprocess_namegroup_"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -358,14 +365,55 @@ def test_group_labels_follow_the_masking_config(spawner: Spawner, masking: objec
 def test_promtool_accepts_a_real_scrape(spawner: Spawner) -> None:
     spawner.spawn("prom")
     exporter = Exporter(per_process_top_n=5, per_process_groups=(spawner.comm("prom"),),
-                        smaps=True)
+                        smaps=True, threads_wchan=True)
     exporter.scrape()
     text = exporter.text()
     assert 'memtype="proportionalResident"' in text
+    assert G + 'threads_wchan{groupname="' in text
     done = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(),
                           capture_output=True, timeout=30)
     output = (done.stdout + done.stderr).decode()
     assert done.returncode == 0 and output.strip() == "", output
+
+
+# Four threads that never wake up while the test runs: their wchans hold still.
+THREADED_SLEEPER = """import sys, threading, time
+for _ in range(3):
+    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+time.sleep(3600)
+"""
+
+
+def test_threads_wchan_counts_each_sleeping_thread_of_a_real_process(tmp_path: Path) -> None:
+    marker = f"wchan-{tmp_path.name[-8:]}"
+    with Children() as children:
+        child = children.spawn(marker, code=THREADED_SLEEPER)
+
+        def four_threads() -> list[str] | None:
+            tids = os.listdir(f"/proc/{child.pid}/task")
+            return tids if len(tids) == 4 else None
+
+        tids = wait_until(four_threads, what="the child's 4 threads")
+        wait_until(lambda: all(_wchan(child.pid, t) for t in tids),
+                   what="all 4 threads asleep")
+        exporter = Exporter([{"name": "sleepy", "cmdline": [marker]}], threads_wchan=True)
+        values = exporter.scrape()
+        # Read independently of the exporter's reader, straight after its scrape.
+        seen: dict[str, int] = {}
+        for tid in tids:
+            seen[_wchan(child.pid, tid)] = seen.get(_wchan(child.pid, tid), 0) + 1
+    got = {dict(labels)["wchan"]: v for (name, labels), v in values.items()
+           if name == G + "threads_wchan" and dict(labels)["groupname"] == "sleepy"}
+    assert sum(got.values()) == 4 == sum(seen.values())
+    assert set(got) == set(seen), (got, seen)
+    assert value(values, G + "num_threads", groupname="sleepy") == 4
+    assert "threads_wchan" not in Exporter([{"cmdline": [marker]}]).text()
+
+
+def _wchan(pid: int, tid: str) -> str:
+    with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+        text = f.read().strip()
+    return "" if text == "0" else text
 
 
 def test_concurrent_scrapes_are_consistent(spawner: Spawner) -> None:
@@ -446,8 +494,8 @@ def test_smaps_counts_kernel_threads_as_psutil_sees_them(reader: str) -> None:
     assert len(before) < MAX_TOP_N, "every process must fit in the per-process series"
     assert psutil.Process(2).memory_full_info().pss == 0
 
-    # Default groups (one per comm) take every process, and each gets a per-process series:
-    # the pids counted are visible in the output.
+    # Default groups (kernel threads in one, user processes one per comm) take every
+    # process, and each gets a per-process series: the pids counted are visible.
     exporter = Exporter(reader=reader, smaps=True, per_process_top_n=MAX_TOP_N)
     values = exporter.scrape()
     after = processes()
@@ -458,6 +506,7 @@ def test_smaps_counts_kernel_threads_as_psutil_sees_them(reader: str) -> None:
     missing = stable - counted
     assert missing == set(), f"not counted: {sorted(missing)[:20]} of {len(stable)}"
     assert kernel & stable <= counted
-    assert value(values, G + "num_procs", groupname="kthreadd") == 1
-    assert value(values, G + "memory_bytes", groupname="kthreadd",
+    assert value(values, G + "num_procs", groupname="kernel_threads") >= len(kernel & stable)
+    assert value(values, G + "num_procs", groupname="kthreadd") is None
+    assert value(values, G + "memory_bytes", groupname="kernel_threads",
                  memtype="proportionalResident") == 0

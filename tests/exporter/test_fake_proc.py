@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import create_app
 from exporter.collector import ProcessCollector
-from exporter.config import Config, MetricsOptions
+from exporter.config import Config, MetricsOptions, from_mapping
 from exporter.groups import parse_groups
 from exporter.procs import (
     ProcessDenied,
@@ -64,13 +64,22 @@ class StepClock:
 
 
 class Scraper:
-    """The real collector over a FakeProc, on a private registry."""
+    """The real collector over a FakeProc, on a private registry.
 
-    def __init__(self, proc: FakeProc, groups: object = None, **options: object) -> None:
-        problems = Problems()
-        matchers = parse_groups(groups, problems)
-        assert problems.items == []
-        self.collector = ProcessCollector(proc.reader(), matchers, MetricsOptions(**options),
+    `config` (a whole exporter config mapping, loaded by `from_mapping`) replaces `groups`
+    and `options`."""
+
+    def __init__(self, proc: FakeProc, groups: object = None, *,
+                 config: dict[str, object] | None = None, **options: object) -> None:
+        if config is not None:
+            loaded = from_mapping(config)
+            matchers, metrics = loaded.groups, loaded.metrics
+        else:
+            problems = Problems()
+            matchers = parse_groups(groups, problems)
+            assert problems.items == []
+            metrics = MetricsOptions(**options)
+        self.collector = ProcessCollector(proc.reader(), matchers, metrics,
                                           version="9.9.9-test", user_name=user_name,
                                           clock=StepClock())
         self.registry = CollectorRegistry()
@@ -386,19 +395,102 @@ def test_golden_read_errors() -> None:
         FakeProcess(17, "nosmaps", cmdline=["nosmaps"], errors={"smaps_rollup": errno.EPERM}),
         FakeProcess(18, "fine", cmdline=["fine"], pss_kb=64),
     )
-    scraper = Scraper(proc, smaps=True)  # default groups: one per comm
+    scraper = Scraper(proc, smaps=True)  # default groups: one per comm, kernel threads one
     text = scraper.text()
     assert_golden("read_errors", text)
 
     values = values_of(text)
-    assert group_names(values) == {"kthread", "private", "nosmaps", "fine"}
+    assert group_names(values) == {"kernel_threads", "private", "nosmaps", "fine"}
     assert value(values, "procfleet_read_errors_total", kind="denied") == 1
     assert value(values, "procfleet_read_errors_total", kind="vanished") == 3
     assert value(values, "procfleet_read_errors_total", kind="other") == 1
     assert value(values, "procfleet_read_errors_total", kind="partial") == 1  # private's io
 
 
-@pytest.mark.parametrize("name", ["table", "pid_reuse", "read_errors"])
+def _wchan_table() -> list[FakeProcess]:
+    """_table() with each thread's wchan: nginx workers in epoll, postgres in I/O."""
+    table = {p.pid: p for p in _table()}
+    table[1].wchans = ["do_epoll_wait"]
+    table[3].wchans = ["worker_thread"]
+    table[100].wchans = ["sigsuspend"]
+    table[101].wchans = ["0"]  # running: no wchan
+    table[102].wchans = ["do_epoll_wait", "futex_wait_queue"]
+    table[103].wchans = ["do_wait"]
+    table[200].wchans = ["io_schedule"]
+    return list(table.values())
+
+
+WCHAN_CONFIG: dict[str, object] = {
+    "groups": [*TABLE_GROUPS, {"name": "cron", "comm": ["cron"], "expected": True}],
+    "expected_groups": ["backup", "nginx"],
+    "metrics": {"threads_wchan": True, "drop_empty_groups": True},
+}
+
+
+def test_golden_wchan_and_expected_groups() -> None:
+    proc = FakeProc(*_wchan_table())
+    scraper = Scraper(proc, config=WCHAN_CONFIG)
+    text = scraper.text()
+    assert_golden("wchan_expected", text)
+
+    values = values_of(text)
+    wchan = G + "threads_wchan"
+    # Every thread once, by its own task's wchan; a running thread has none.
+    assert value(values, wchan, groupname="nginx", wchan="do_epoll_wait") == 1
+    assert value(values, wchan, groupname="nginx", wchan="futex_wait_queue") == 1
+    assert value(values, wchan, groupname="nginx", wchan="sigsuspend") == 1
+    assert value(values, wchan, groupname="nginx", wchan="do_wait") == 1  # the adopted shell
+    assert value(values, wchan, groupname="nginx", wchan="0") is None
+    assert value(values, wchan, groupname="db:postgres", wchan="io_schedule") == 1
+    assert value(values, wchan, groupname="kernel", wchan="worker_thread") == 1
+    assert {dict(labels)["groupname"] for name, labels in values if name == wchan} == {
+        "nginx", "db:postgres", "kernel"}  # systemd is in no group
+    # Only multi-threaded processes have their task directory listed.
+    assert {pid for pid, name in proc.reads if name == "task"} == {102}
+
+    # Expected groups: there from the first scrape, with no process of theirs, kept
+    # though drop_empty_groups is on; their counters are 0, not absent.
+    for group in ("cron", "backup"):
+        assert value(values, G + "num_procs", groupname=group) == 0
+        assert value(values, G + "cpu_seconds_total", groupname=group, mode="user") == 0
+        assert value(values, G + "oldest_start_time_seconds", groupname=group) == 0
+    assert value(values, G + "num_procs", groupname="nginx") == 4  # expected and running
+    assert {dict(labels)["groupname"] for name, labels in values
+            if name == "procfleet_group_expected"} == {"cron", "backup", "nginx"}
+
+    # The group's process starts: it counts in full, from the counters' 0.
+    proc.add(FakeProcess(400, "cron", start_ticks=9500, utime=20, cmdline=["/usr/sbin/cron"]))
+    del proc.table[100], proc.table[101], proc.table[102], proc.table[103]
+    later = values_of(scraper.text())
+    assert value(later, G + "num_procs", groupname="cron") == 1
+    assert value(later, G + "cpu_seconds_total", groupname="cron",
+                 mode="user") == pytest.approx(0.2)
+    assert value(later, G + "num_procs", groupname="nginx") == 0  # expected: kept empty
+    assert value(later, G + "num_procs", groupname="kernel") == 2
+
+
+def test_wchan_of_a_thread_that_exits_is_left_out() -> None:
+    proc = FakeProc(FakeProcess(7, "app", cmdline=["app"], num_threads=3,
+                                wchans=["ep_poll", "futex_wait_queue", "futex_wait_queue"],
+                                errors={"task/7002/wchan": errno.ENOENT}),
+                    FakeProcess(8, "app", cmdline=["app"], wchans=["ep_poll"],
+                                errors={"wchan": errno.EACCES}))  # not ours to see
+    values = values_of(Scraper(proc, threads_wchan=True).text())
+    assert value(values, G + "threads_wchan", groupname="app", wchan="ep_poll") == 1
+    assert value(values, G + "threads_wchan", groupname="app", wchan="futex_wait_queue") == 1
+    assert value(values, G + "num_procs", groupname="app") == 2
+    assert value(values, "procfleet_read_errors_total", kind="partial") == 0
+
+
+def test_wchan_is_off_by_default_and_reads_nothing() -> None:
+    proc = FakeProc(*_wchan_table())
+    text = Scraper(proc, TABLE_GROUPS).text()
+    assert "threads_wchan" not in text
+    assert "procfleet_group_expected{" not in text  # none declared
+    assert not [name for _, name in proc.reads if "wchan" in name or name == "task"]
+
+
+@pytest.mark.parametrize("name", ["table", "pid_reuse", "read_errors", "wchan_expected"])
 def test_promtool_accepts_the_golden_files(name: str) -> None:
     done = subprocess.run([PROMTOOL, "check", "metrics"],
                           input=(GOLDEN / f"{name}.prom").read_bytes(),

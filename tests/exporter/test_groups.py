@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,6 +20,7 @@ from exporter.config import MetricsOptions, from_mapping
 from exporter.groups import (
     CMDLINE_SPAN,
     DEFAULT_GROUPS,
+    KERNEL_THREADS_GROUP,
     GroupMatcher,
     name_process,
     parse_groups,
@@ -69,15 +71,24 @@ def name_of(groups: tuple[GroupMatcher, ...], reader, pid: int) -> str | None:
 
 @pytest.mark.parametrize("raw, expected", [
     ("bash", ["groups: must be a list of group matchers, got str"]),
-    ([], ["groups: must list at least one group (leave it out to group by comm)"]),
+    ([], ["groups: must list at least one group (leave it out for the default"]),
     (["bash"], ["groups[0]: must be a mapping, got str"]),
-    ([{"name": "x"}], ["groups[0]: needs at least one selector: comm, exe or cmdline"]),
+    ([{"name": "x"}],
+     ["groups[0]: needs at least one selector: comm, exe, cmdline or kernel_thread"]),
+    ([{"name": "x", "kernel_thread": "yes"}],
+     ["groups[0].kernel_thread: must be a boolean, got str"]),
+    ([{"comm": ["a"], "expected": True}], ["groups[0].expected: needs a fixed `name:`"]),
+    ([{"comm": ["a"], "name": "a-{{.Username}}", "expected": True}],
+     ["groups[0].expected: needs a fixed `name:` without {{...}} fields"]),
+    ([{"comm": ["a"], "name": "a", "expected": 1}],
+     ["groups[0].expected: must be a boolean, got int"]),
     ([{"comm": "bash"}], ["groups[0].comm: must be a list of strings, got str"]),
     ([{"comm": []}], ["groups[0].comm: must list at least one value"]),
     ([{"exe": ["ok", 3]}], ["groups[0].exe[1]: must be a non-empty string, got int"]),
     ([{"exe": [""]}], ["groups[0].exe[0]: must be a non-empty string, got an empty string"]),
     ([{"comm": ["a"], "cmdlines": ["x"]}],
-     ["groups[0].cmdlines: unknown key (expected one of: cmdline, comm, exe, name)"]),
+     ["groups[0].cmdlines: unknown key (expected one of: cmdline, comm, exe, expected, "
+      "kernel_thread, name)"]),
     ([{"comm": ["a"], "name": 5}], ["groups[0].name: must be a string, got int"]),
     ([{"comm": ["a"], "name": "{{.Cwd}}"}], ["groups[0].name: unknown template field"]),
     ([{"comm": ["a"], "name": "{{if .Comm}}x{{end}}"}],
@@ -207,27 +218,37 @@ def test_first_match_wins(spawner: Spawner, reader) -> None:
     assert name_of(groups, reader, child.pid) == "one"
 
 
-def test_default_groups_name_every_process_by_comm(spawner: Spawner, reader) -> None:
+def test_default_groups_name_user_processes_by_comm_and_kernel_threads_as_one(
+        spawner: Spawner, reader) -> None:
     child = spawner.spawn("dflt")
     assert name_of(DEFAULT_GROUPS, reader, child.pid) == f"{spawner.tag}-dflt"
-    named = 0
+    # Kernel threads told apart independently of the reader's flag: kthreadd's children.
+    kernel = {p.pid for p in psutil.process_iter(["ppid"]) if p.pid == 2 or p.info["ppid"] == 2}
+    named = kernel_named = 0
     for pid in reader.pids():
         try:
             sample = reader.sample(pid, cmdline=True)
         except ProcessError:
             continue
-        assert name_process(DEFAULT_GROUPS, sample) == sample.comm
+        want = KERNEL_THREADS_GROUP if pid in kernel else sample.comm
+        assert name_process(DEFAULT_GROUPS, sample) == want, (pid, sample.comm)
         named += 1
-    assert named > 1
+        kernel_named += pid in kernel
+    assert named > kernel_named > 1
 
 
 def test_kernel_threads_have_no_exe_but_a_comm(reader) -> None:
     # pid 2 is kthreadd on Linux hosts and VMs (the exporter runs in the host pid namespace).
     kthreadd = reader.sample(2, cmdline=True)
-    assert kthreadd.comm == "kthreadd" and kthreadd.cmdline == []
-    assert name_process(DEFAULT_GROUPS, kthreadd) == kthreadd.comm
+    assert kthreadd.comm == "kthreadd" and kthreadd.cmdline == [] and kthreadd.kernel_thread
+    assert name_process(DEFAULT_GROUPS, kthreadd) == KERNEL_THREADS_GROUP
     assert name_process(groups_of([{"cmdline": [".+"]}]), kthreadd) is None
     assert name_process(groups_of([{"exe": [kthreadd.comm]}]), kthreadd) is None
+    by_comm = groups_of([{"name": "{{.Comm}}", "kernel_thread": True}])
+    assert name_process(by_comm, kthreadd) == "kthreadd"
+    assert name_process(groups_of([{"comm": ["kthreadd"], "kernel_thread": False}]),
+                        kthreadd) is None
+    assert not reader.sample(os.getpid(), cmdline=True).kernel_thread
 
 
 def test_the_example_config_is_valid() -> None:
