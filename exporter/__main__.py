@@ -14,6 +14,7 @@ from procfleet.hostnames import hostname_problem
 from procfleet.logs import LOG_LEVELS, setup_logging
 from procfleet.netaddr import ListenError, is_loopback, parse_listen
 from procfleet.serve import HEAD_TIMEOUT, raise_file_limit, serve
+from procfleet.webconfig import load as load_web_config
 
 # Named by module, as everywhere: __spec__, since __name__ is "__main__" under `python -m`.
 log = logging.getLogger(__spec__.name if __spec__ else __name__)
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="SECONDS",
                         help="close a connection that has not sent a complete request this "
                              f"long after opening, 1 to 300 (default {HEAD_TIMEOUT:g})")
+    parser.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                        help="TLS and basic auth in the Prometheus exporter-toolkit's format "
+                             "(the file a node_exporter reads; see docs/api.md)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config) if args.config else Config()
         listen = parse_listen(args.listen) if args.listen else None
+        web = load_web_config(args.web_config_file) if args.web_config_file else None
     except (ConfigError, ListenError) as exc:
         print(f"procfleet-exporter: {exc}", file=sys.stderr)
         return 2
@@ -103,22 +108,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = config.with_overrides(listen=listen, hostname=args.hostname)
     host, port = config.listen
-    if (not config.auth.enabled and not is_loopback(host)
-            and not args.allow_unauthenticated_nonloopback):
+    if (not config.auth.enabled and not (web is not None and web.users)
+            and not is_loopback(host) and not args.allow_unauthenticated_nonloopback):
         print(f"procfleet-exporter: refusing to serve on {host}:{port} without a token: "
               "command lines are sensitive. Set auth.token_sha256 (see "
-              "'procfleet-exporter token'), listen on loopback, or pass "
+              "'procfleet-exporter token') or basic_auth_users (--web.config.file), "
+              "listen on loopback, or pass "
               "--allow-unauthenticated-nonloopback.", file=sys.stderr)
         return 2
     setup_logging(args.log_level or config.log_level)
-    log.info("starting exporter version %s for host %s (config: %s, token auth: %s)",
+    log.info("starting exporter version %s for host %s (config: %s, token auth: %s, "
+             "web config: %s, TLS: %s, basic auth: %s)",
              __version__, config.hostname, config.source,
-             "on" if config.auth.enabled else "off")
+             "on" if config.auth.enabled else "off", web.source if web else "none",
+             "on" if web and web.tls else "off", "on" if web and web.users else "off")
     raise_file_limit()
-    app = create_app(config)
+    app = create_app(config, web=web)
     try:
         serve(app, host, port, logger=log, name="procfleet-exporter", threads=args.threads,
-              head_timeout=args.head_timeout)
+              head_timeout=args.head_timeout, web=web)
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
         return 1

@@ -20,6 +20,7 @@ from exporter.config import Config
 from exporter.lookup import ProcessLookup
 from exporter.procs import ProcessError, Reader, UserNames, make_reader
 from procfleet import __version__
+from procfleet.basicauth import WebMiddleware, web_middleware
 from procfleet.params import LIST_PARAMS
 from procfleet.process import NOT_FOUND_ERROR
 from procfleet.signals import (
@@ -39,6 +40,7 @@ from procfleet.web import (
     list_filters_or_400,
     pid_or_400,
 )
+from procfleet.webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +243,12 @@ def _slashed_pid(req: falcon.Request, resp: falcon.Response, **params: object) -
 
 def create_app(config: Config, *, reader: Reader | None = None,
                registry: CollectorRegistry | None = None,
-               signaller: Signaller | None = None) -> App:
-    """Build the exporter app. Tests pass their own reader, registry or signaller."""
+               signaller: Signaller | None = None, web: WebConfig | None = None) -> App:
+    """Build the exporter app. Tests pass their own reader, registry or signaller.
+
+    `web` (--web.config.file): basic auth in front of everything, the bearer token also
+    accepted there; the token still guards what it guards (procfleet/basicauth.py).
+    """
     reader = reader or make_reader(config.reader)
     user_names = UserNames()
     if registry is None:
@@ -258,7 +264,9 @@ def create_app(config: Config, *, reader: Reader | None = None,
             ["signal", "outcome"], registry=registry)
         signaller = Signaller(config.signal, lookup,
                               lambda name, outcome: signals_total.labels(name, outcome).inc())
-    middleware: list[SignalAudit | TokenAuth | QueryParamRule] = [SignalAudit(signaller)]
+    token = config.auth.token_sha256 if config.auth.enabled else None
+    middleware: list[SignalAudit | TokenAuth | QueryParamRule | WebMiddleware] = [
+        SignalAudit(signaller), *web_middleware(web, bearer_sha256=token)]
     if config.auth.enabled:
         middleware.append(TokenAuth(config.auth.token_sha256 or "",
                                     protect_metrics=config.auth.protect_metrics))
