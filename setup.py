@@ -19,6 +19,7 @@ setup(
         "prometheus-client>=0.20,<1",
         "psutil>=5.9,<8",
         "pyyaml>=6.0,<7",
+        "bcrypt>=4.1,<6",  # basic_auth_users of --web.config.file (procfleet/basicauth.py)
     ],
     extras_require={
         "test": [
