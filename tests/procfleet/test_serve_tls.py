@@ -7,13 +7,16 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 from tls_fixtures import PASSWORD, USER, TLSSet, password_hash, web_config_text
 
+from procfleet.basicauth import Credentials
 from procfleet.testing import (
     EXPORTER,
     QUERY,
@@ -24,6 +27,8 @@ from procfleet.testing import (
     start_query,
     wait_until,
 )
+from procfleet.waitress_adapter import TLSChannel, WaitressServer
+from procfleet.webconfig import parse
 from query.auth import key_hash
 
 GOOD = basic_auth_header(USER, PASSWORD)
@@ -207,3 +212,57 @@ def test_query_service_over_tls_with_basic_auth_and_keys(tls_set: TLSSet,
                          timeout=10)
     finally:
         server.stop()
+
+
+# -- the adapter's TLS channel, driven here one poll at a time -----------------------------
+
+def _app(environ: dict, start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+@pytest.fixture
+def adapter(tls_set: TLSSet) -> Iterator[WaitressServer]:
+    web = parse({"tls_server_config": {"cert_file": str(tls_set.server.cert),
+                                       "key_file": str(tls_set.server.key)}})
+    # waitress counts its listener and its wake-up pipe against the limit: 4 connections.
+    built = WaitressServer(_app, "127.0.0.1", 0, head_timeout=5.0, threads=1,
+                           connection_limit=6, tls=web.tls_context)
+    yield built
+    built.close()
+
+
+def test_tls_connections_count_against_the_connection_limit(adapter: WaitressServer) -> None:
+    assert issubclass(adapter.channel_class, TLSChannel)
+    clients = [socket.create_connection(("127.0.0.1", adapter.bound[1]), timeout=5)
+               for _ in range(10)]
+    try:
+        for _ in range(20):
+            adapter.poll(0.05)
+        assert adapter.connections() == 4  # the other six wait in the kernel's backlog
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_failed_handshakes_are_counted_and_closed(adapter: WaitressServer) -> None:
+    with socket.create_connection(("127.0.0.1", adapter.bound[1]), timeout=5) as client:
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP
+        wait_until(lambda: adapter.poll(0.05) or adapter.handshake_failures() == 1,
+                   what="the failed handshake")
+        for _ in range(5):
+            adapter.poll(0.05)
+        assert adapter.connections() == 0
+
+
+def test_a_password_check_waits_for_its_turn_at_most_wait_seconds() -> None:
+    # One slow check (cost 14: about a second) holds bcrypt; another may wait only 10 ms.
+    slow = Credentials({USER: password_hash(cost=14)}, wait_seconds=0.01)
+    worker = threading.Thread(target=slow.check, args=(USER, b"wrong"))
+    worker.start()
+    try:
+        wait_until(lambda: slow.bcrypt_checks == 1, what="the slow check to start")
+        with pytest.raises(TimeoutError):
+            slow.check(USER, PASSWORD.encode())
+    finally:
+        worker.join(timeout=60)
