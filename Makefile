@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-DEB_PACKAGES := prometheus prometheus-process-exporter wrk
+DEB_PACKAGES := prometheus prometheus-process-exporter wrk openssl
 # Two stamps: `make run` needs only the package; `make test`, `lint` and `bench` add the test
 # tools (pytest, ruff, schemathesis, ...), which take most of the install time.
 RUN_STAMP := $(VENV)/.run-deps

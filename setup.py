@@ -21,6 +21,7 @@ setup(
         "pyyaml>=6.0,<7",
         # cmdline_re searches: linear-time regular expressions (no pattern can stall).
         "google-re2>=1.1,<2",
+        "bcrypt>=4.1,<6",  # basic_auth_users of --web.config.file (procfleet/basicauth.py)
     ],
     extras_require={
         "test": [

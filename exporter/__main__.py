@@ -19,6 +19,7 @@ from procfleet.hostnames import hostname_problem
 from procfleet.logs import add_log_level_flag, setup_logging
 from procfleet.netaddr import ListenError, is_loopback, parse_listen
 from procfleet.serve import HEAD_TIMEOUT, raise_file_limit, serve
+from procfleet.webconfig import load as load_web_config
 
 # Named by module, as everywhere: __spec__, since __name__ is "__main__" under `python -m`.
 log = logging.getLogger(__spec__.name if __spec__ else __name__)
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="window of the live rates (cpu_percent_recent, read/write bytes "
                              "per second): how often every process's counters are read, "
                              "1 to 300 (default 5, or rates.interval_seconds from the file)")
+    parser.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                        help="TLS and basic auth in the Prometheus exporter-toolkit's format "
+                             "(the file a node_exporter reads; see docs/api.md)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config) if args.config else Config()
         listen = parse_listen(args.listen) if args.listen else None
+        web = load_web_config(args.web_config_file) if args.web_config_file else None
     except (ConfigError, ListenError) as exc:
         print(f"procfleet-exporter: {exc}", file=sys.stderr)
         return 2
@@ -136,24 +141,27 @@ def main(argv: list[str] | None = None) -> int:
                                    metrics=compat.metrics,
                                    rate_interval=args.rate_interval)
     host, port = config.listen
-    if (not config.auth.enabled and not is_loopback(host)
-            and not args.allow_unauthenticated_nonloopback):
+    if (not config.auth.enabled and not (web is not None and web.users)
+            and not is_loopback(host) and not args.allow_unauthenticated_nonloopback):
         print(f"procfleet-exporter: refusing to serve on {host}:{port} without a token: "
               "command lines are sensitive. Set auth.token_sha256 (see "
-              "'procfleet-exporter token'), listen on loopback, or pass "
+              "'procfleet-exporter token') or basic_auth_users (--web.config.file), "
+              "listen on loopback, or pass "
               "--allow-unauthenticated-nonloopback.", file=sys.stderr)
         return 2
     setup_logging(args.log_level or config.log_level)
-    log.info("starting exporter version %s for host %s (config: %s, token auth: %s)",
+    log.info("starting exporter version %s for host %s (config: %s, token auth: %s, "
+             "web config: %s, TLS: %s, basic auth: %s)",
              __version__, config.hostname, config.source,
-             "on" if config.auth.enabled else "off")
+             "on" if config.auth.enabled else "off", web.source if web else "none",
+             "on" if web and web.tls else "off", "on" if web and web.users else "off")
     for note in compat.notes:
         log.info("process-exporter flag %s", note)
     raise_file_limit()
-    app = create_app(config)
+    app = create_app(config, web=web)
     try:
         serve(app, host, port, logger=log, name="procfleet-exporter", threads=args.threads,
-              head_timeout=args.head_timeout)
+              head_timeout=args.head_timeout, web=web)
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
         return 1

@@ -20,6 +20,7 @@ from exporter.lookup import OtherProcess, ProcessLookup
 from exporter.procs import ProcessError, Reader, UserNames, make_reader
 from exporter.rates import RateSampler
 from procfleet import __version__
+from procfleet.basicauth import WebMiddleware, web_middleware
 from procfleet.params import LIST_PARAMS, LOOKUP_PARAMS
 from procfleet.process import NOT_FOUND_ERROR
 from procfleet.signals import (
@@ -39,6 +40,7 @@ from procfleet.web import (
     pid_or_400,
     read_body_or_413,
 )
+from procfleet.webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +242,12 @@ def _slashed_pid(req: falcon.Request, resp: falcon.Response, **params: object) -
 def create_app(config: Config, *, reader: Reader | None = None,
                registry: CollectorRegistry | None = None,
                signaller: Signaller | None = None,
-               sampler: RateSampler | None = None) -> App:
-    """Build the exporter app. Tests pass their own reader, registry, signaller or sampler."""
+               sampler: RateSampler | None = None, web: WebConfig | None = None) -> App:
+    """Build the exporter app. Tests pass their own reader, registry, signaller or sampler.
+
+    `web` (--web.config.file): basic auth in front of everything, the bearer token also
+    accepted there; the token still guards what it guards (procfleet/basicauth.py).
+    """
     reader = reader or make_reader(config.reader)
     if sampler is None:
         # Its thread starts with the first lookup or list, and ends with the app.
@@ -262,7 +268,9 @@ def create_app(config: Config, *, reader: Reader | None = None,
             ["signal", "outcome"], registry=registry)
         signaller = Signaller(config.signal, lookup,
                               lambda name, outcome: signals_total.labels(name, outcome).inc())
-    middleware: list[SignalAudit | TokenAuth | QueryParamRule] = [SignalAudit(signaller)]
+    token = config.auth.token_sha256 if config.auth.enabled else None
+    middleware: list[SignalAudit | TokenAuth | QueryParamRule | WebMiddleware] = [
+        SignalAudit(signaller), *web_middleware(web, bearer_sha256=token)]
     if config.auth.enabled:
         middleware.append(TokenAuth(config.auth.token_sha256 or "",
                                     protect_metrics=config.auth.protect_metrics))

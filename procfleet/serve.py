@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from procfleet.waitress_adapter import WaitressServer
+from procfleet.webconfig import WebConfig
 
 # Connections held at once (waitress's connection_limit counts the listening socket and its
 # wake-up pipe too). Past it, new connections wait in the kernel's listen backlog until a slot
@@ -25,6 +26,9 @@ CONNECTION_LIMIT = 2000
 HEAD_TIMEOUT = 10.0
 # Seconds an idle keep-alive connection (no request begun) is kept.
 CHANNEL_TIMEOUT = 30
+# Failed TLS handshakes (scanners, plain-HTTP clients, unknown client certificates) are
+# logged as a count at most this often, not one line each.
+TLS_FAILURE_LOG_SECONDS = 60.0
 
 
 def raise_file_limit() -> None:
@@ -59,6 +63,7 @@ def serve(
     threads: int = 8,
     grace: float = 10.0,
     head_timeout: float = HEAD_TIMEOUT,
+    web: WebConfig | None = None,
     **adjustments: Any,
 ) -> None:
     """Serve `app` until SIGTERM or SIGINT, then finish the requests in flight and return.
@@ -68,6 +73,9 @@ def serve(
     connections are dropped. What a slow or greedy client can hold is bounded: request body
     and header sizes, the number of connections, `head_timeout` seconds to deliver a request
     and CHANNEL_TIMEOUT seconds of idle keep-alive.
+
+    With a `web` configuration that has TLS, connections are TLS (procfleet.webconfig); the
+    handshake counts against `head_timeout` like the request itself.
     """
     settings: dict[str, Any] = {
         "threads": threads,
@@ -79,7 +87,12 @@ def serve(
         "clear_untrusted_proxy_headers": True,
     }
     settings.update(adjustments)
-    server = WaitressServer(app, host, port, head_timeout=head_timeout, **settings)
+    tls = web.tls if web is not None else None
+    server = WaitressServer(
+        app, host, port, head_timeout=head_timeout,
+        tls=web.tls_context if web is not None else None,
+        tls_allows=tls.san_allowed if tls is not None and tls.client_allowed_sans else None,
+        **settings)
     stopping: list[str] = []
 
     def stop(signum: int, frame: object) -> None:
@@ -89,10 +102,12 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    logger.info("%s listening on http://%s:%s", name, server.bound[0], server.bound[1])
+    logger.info("%s listening on %s://%s:%s", name, web.scheme if web else "http",
+                server.bound[0], server.bound[1])
     # Short enough that a deadline is enforced within a fraction of a second of passing.
     tick = min(0.5, head_timeout / 4)
     next_sweep = 0.0
+    failures_logged, next_failure_log = 0, time.monotonic() + TLS_FAILURE_LOG_SECONDS
     while not stopping:
         server.poll(tick)
         now = time.monotonic()
@@ -102,6 +117,14 @@ def serve(
             if closed:
                 logger.info("closed %d connection(s) that sent no complete request within "
                             "%g s", closed, head_timeout)
+            if tls is not None and now >= next_failure_log:
+                next_failure_log = now + TLS_FAILURE_LOG_SECONDS
+                failures = server.handshake_failures()
+                if failures > failures_logged:
+                    logger.info("%d TLS handshake(s) failed in the last %g s (plain-HTTP "
+                                "clients, unknown certificates; details at debug level)",
+                                failures - failures_logged, TLS_FAILURE_LOG_SECONDS)
+                    failures_logged = failures
     logger.info("received %s, finishing requests in flight", stopping[0])
     _drain(server, grace)
     logger.info("%s stopped", name)

@@ -6,15 +6,18 @@ benchmarks share one copy. No service imports it (tests/procfleet/test_layers.py
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -97,10 +100,14 @@ def assert_prefixes(messages: Sequence[str], expected: Sequence[str]) -> None:
             raise AssertionError(f"{message!r} does not start with {prefix!r}")
 
 
-def answers_200(url: str, timeout: float = 5.0) -> bool:
-    """True if a GET of `url` answers 200 within `timeout` seconds."""
+def answers_200(url: str, timeout: float = 5.0, *, ca_file: Path | None = None,
+                headers: Mapping[str, str] | None = None) -> bool:
+    """True if a GET of `url` answers 200 within `timeout` seconds (https: verified
+    against `ca_file`)."""
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+    request = urllib.request.Request(url, headers=dict(headers or {}))
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
             status: int = resp.status
             return status == 200
     except OSError:
@@ -108,15 +115,16 @@ def answers_200(url: str, timeout: float = 5.0) -> bool:
 
 
 def wait_ready(url: str, proc: subprocess.Popen[Any], timeout: float = 30.0,
-               log: Path | None = None) -> None:
+               log: Path | None = None, *, ca_file: Path | None = None,
+               headers: Mapping[str, str] | None = None) -> None:
     """Wait until `url` answers 200, failing early (with `log`'s tail) if the server exits."""
 
     def ready() -> bool:
         if proc.poll() is not None:
             tail = f"\n{log.read_text(errors='replace')[-3000:]}" if log is not None else ""
-            raise AssertionError(
-                f"{url}: server pid {proc.pid} exited with {proc.returncode}{tail}")
-        return answers_200(url, timeout=1)
+            raise AssertionError(f"{url}: server pid {proc.pid} exited with "
+                                 f"{proc.returncode}{tail}")
+        return answers_200(url, timeout=1, ca_file=ca_file, headers=headers)
 
     wait_until(ready, timeout=timeout, what=f"{url} to answer 200")
 
@@ -328,18 +336,23 @@ class Server:
     """A service started as users start it, its stdout and stderr kept in a log file."""
 
     def __init__(self, argv: list[str], port: int, log: Path,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, *, ca_file: Path | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         self.argv = argv
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        # With `ca_file` the service serves TLS, and is checked against that CA.
+        self.ca_file = ca_file
+        self.headers = dict(headers or {})  # sent with readiness checks (basic auth, say)
+        self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{port}"
         self.log_path = log
         self.proc = _start_logged(argv, log, env)
 
     @classmethod
     def start(cls, argv: list[str], port: int, log: Path, *, path: str = "/healthz",
-              timeout: float = 20.0, env: Mapping[str, str] | None = None) -> Self:
+              timeout: float = 20.0, env: Mapping[str, str] | None = None,
+              ca_file: Path | None = None, headers: Mapping[str, str] | None = None) -> Self:
         """Start it and wait until `path` answers 200; stopped again if it never does."""
-        server = cls(argv, port, log, env)
+        server = cls(argv, port, log, env, ca_file=ca_file, headers=headers)
         try:
             server.wait_ready(path, timeout)
         except BaseException:
@@ -356,10 +369,12 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def healthy(self, path: str = "/healthz", timeout: float = 5.0) -> bool:
-        return answers_200(self.url + path, timeout=timeout)
+        return answers_200(self.url + path, timeout=timeout, ca_file=self.ca_file,
+                           headers=self.headers)
 
     def wait_ready(self, path: str = "/healthz", timeout: float = 20.0) -> None:
-        wait_ready(self.url + path, self.proc, timeout, log=self.log_path)
+        wait_ready(self.url + path, self.proc, timeout, log=self.log_path,
+                   ca_file=self.ca_file, headers=self.headers)
         # Another process on this busy machine may have taken the port between free_port()
         # and our bind: then the 200 was its answer, and ours is exiting with EADDRINUSE.
         wait_until(lambda: self.listening() or self.proc.poll() is not None, timeout=timeout,
@@ -389,8 +404,12 @@ class Server:
 
 
 def start_exporter(tmp: Path, *extra: str, config: str | None = None,
-                   hostname: str | None = None) -> Server:
-    """`procfleet-exporter --listen 127.0.0.1:PORT [--config FILE] [--hostname NAME]`, ready."""
+                   hostname: str | None = None, ca_file: Path | None = None,
+                   headers: Mapping[str, str] | None = None) -> Server:
+    """`procfleet-exporter --listen 127.0.0.1:PORT [--config FILE] [--hostname NAME]`, ready.
+
+    `ca_file`: it serves TLS (`--web.config.file` in `extra`) with a certificate of that CA.
+    """
     port = free_port()
     argv = [EXPORTER, "--listen", f"127.0.0.1:{port}", *extra]
     if hostname is not None:
@@ -399,7 +418,8 @@ def start_exporter(tmp: Path, *extra: str, config: str | None = None,
         path = tmp / f"exporter-{port}.yml"
         path.write_text(config)
         argv += ["--config", str(path)]
-    return Server.start(argv, port, tmp / f"exporter-{port}.log")
+    return Server.start(argv, port, tmp / f"exporter-{port}.log", ca_file=ca_file,
+                        headers=headers)
 
 
 def query_argv(config: Path, port: int, *extra: str, module: bool = False) -> list[str]:
@@ -408,9 +428,73 @@ def query_argv(config: Path, port: int, *extra: str, module: bool = False) -> li
     return [*program, "--config", str(config), "--listen", f"127.0.0.1:{port}", *extra]
 
 
-def start_query(tmp: Path, config: str, *extra: str) -> Server:
+def start_query(tmp: Path, config: str, *extra: str, ca_file: Path | None = None,
+                headers: Mapping[str, str] | None = None) -> Server:
     """`procfleet-query --config FILE --listen 127.0.0.1:PORT`, ready when /healthz answers."""
     port = free_port()
     path = tmp / f"query-{port}.yml"
     path.write_text(config)
-    return Server.start(query_argv(path, port, *extra), port, tmp / f"query-{port}.log")
+    return Server.start(query_argv(path, port, *extra), port, tmp / f"query-{port}.log",
+                        ca_file=ca_file, headers=headers)
+
+
+# -- certificates made at test time ----------------------------------------------------------
+
+OPENSSL = "openssl"  # the CLI (Debian package openssl); the tests make their own CA with it
+
+
+@dataclass(frozen=True)
+class CertFiles:
+    """A PEM certificate and its unencrypted key, on disk."""
+
+    cert: Path
+    key: Path
+
+
+def _openssl(*args: str) -> None:
+    done = subprocess.run([OPENSSL, *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise AssertionError(f"openssl {' '.join(args[:2])} failed: {done.stderr[-2000:]}")
+
+
+def make_ca(directory: Path, name: str = "procfleet test CA") -> CertFiles:
+    """A new self-signed CA (P-256 key, valid two days) in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    slug = name.replace(" ", "-")
+    files = CertFiles(directory / f"{slug}.crt", directory / f"{slug}.key")
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", str(files.key), "-out", str(files.cert), "-days", "2",
+             "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return files
+
+
+def make_cert(ca: CertFiles, directory: Path, name: str, *,
+              dns: Sequence[str] = ("localhost",), ips: Sequence[str] = ("127.0.0.1",)
+              ) -> CertFiles:
+    """A certificate for `name` signed by `ca`, for servers and clients alike, naming `dns`
+    and `ips` as subject alternative names (Go and Python check those, not the CN)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = CertFiles(directory / f"{name}.crt", directory / f"{name}.key")
+    request = directory / f"{name}.csr"
+    extensions = directory / f"{name}.ext"
+    sans = [f"DNS:{d}" for d in dns] + [f"IP:{ip}" for ip in ips]
+    extensions.write_text(
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+        "subjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid\n"
+        + (f"subjectAltName={','.join(sans)}\n" if sans else ""))
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", str(files.key), "-out", str(request), "-subj", f"/CN={name}")
+    _openssl("x509", "-req", "-in", str(request), "-CA", str(ca.cert), "-CAkey", str(ca.key),
+             "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", "2",
+             "-extfile", str(extensions), "-out", str(files.cert))
+    return files
+
+
+def basic_auth_header(user: str, password: str) -> dict[str, str]:
+    """The Authorization header of HTTP basic auth."""
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return {"Authorization": f"Basic {token}"}

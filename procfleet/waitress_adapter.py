@@ -12,7 +12,11 @@ more, and all of it lives here:
 * waitress's own error answers (400, 413, 431, 500, 501) in the one JSON error shape
   (`JsonErrorTask`), per channel instead of patching `waitress.utilities.Error` process-wide;
 * the event loop run one poll() at a time, with a drain on shutdown (listening sockets closed,
-  answers in flight finished, workers stopped).
+  answers in flight finished, workers stopped);
+* TLS (`TLSChannel`): each accepted socket is wrapped in the server's SSLContext without a
+  handshake; the handshake then runs step by step on the loop's read and write events (a
+  non-blocking SSLSocket says SSLWantReadError / SSLWantWriteError where a plain one would
+  block), so a slow or silent client holds no thread and the request deadline covers it.
 
 `waitress_problems()` lists every way the installed waitress differs from what this module was
 written for (version range, and the presence and signature of each internal it uses);
@@ -29,6 +33,7 @@ import importlib.metadata
 import inspect
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -72,6 +77,13 @@ INTERNALS: tuple[tuple[Any, str, tuple[str, ...] | None], ...] = (
     (HTTPChannel, "error_task_class", None),
     (HTTPChannel, "will_close", None),
     (HTTPChannel, "total_outbufs_len", None),
+    (HTTPChannel, "handle_read", ("self",)),
+    (HTTPChannel, "handle_write", ("self",)),
+    (HTTPChannel, "readable", ("self",)),
+    (HTTPChannel, "writable", ("self",)),
+    (HTTPChannel, "handle_close", ("self",)),
+    (HTTPChannel, "last_activity", None),
+    (HTTPChannel, "connected", None),
     (HTTPRequestParser, "__init__", ("self", "adj")),
     (HTTPRequestParser, "received", ("self", "data")),
     (HTTPRequestParser, "parse_header", ("self", "header_plus")),
@@ -83,6 +95,7 @@ INTERNALS: tuple[tuple[Any, str, tuple[str, ...] | None], ...] = (
     (wasyncore, "loop", ("timeout", "use_poll", "map", "count")),
     (wasyncore, "close_all", ("map", "ignore_all")),
     (wasyncore.dispatcher, "close", ("self",)),
+    (wasyncore.dispatcher, "send", ("self", "data", "do_close")),
 )
 
 
@@ -198,6 +211,134 @@ class Channel(HTTPChannel):
         return bool(super().received(data))
 
 
+class TLSChannel(Channel):
+    """A client connection over TLS: handshake on the loop, then waitress's channel.
+
+    The server's context is a class attribute of a subclass made per server
+    (`WaitressServer`), since waitress builds channels as channel_class(server, sock, ...).
+    Until the handshake is done the channel waits for whichever event OpenSSL asked for;
+    the request deadline (`waiting_since`, set on accept) counts the handshake too.
+    Decrypted bytes OpenSSL holds are not seen by poll(), so a read takes all of them.
+    """
+
+    tls_context: ssl.SSLContext
+    # Checks a verified client certificate (getpeercert()) past what OpenSSL checks.
+    tls_allows: Callable[[Any], bool] | None = None
+    handshake_failures = 0  # per server subclass; read by WaitressServer
+
+    def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
+        self._handshaken = False
+        self._wants_write = False  # OpenSSL needs to write before it can go on
+        self._tls: ssl.SSLSocket | None = None
+        try:
+            sock = self._tls = self.tls_context.wrap_socket(sock, server_side=True,
+                                                            do_handshake_on_connect=False)
+        except OSError:  # the client is gone already; an exception here would reach the
+            pass  # listener's error handler, which closes the listening socket
+        super().__init__(server, sock, addr, adj, map)
+        if self._tls is None:
+            self.will_close = True  # closed by the next pass, never read
+
+    def readable(self) -> bool:
+        if not self._handshaken:
+            return not self.will_close and not self._wants_write
+        return bool(super().readable())
+
+    def writable(self) -> bool:
+        if not self._handshaken:
+            return self.will_close or self._wants_write
+        return bool(super().writable()) or self._wants_write
+
+    def handle_read(self) -> None:
+        if not self._handshaken:
+            self._handshake()
+            return
+        self._wants_write = False
+        sock = self._tls
+        if sock is None:
+            return
+        try:
+            data = sock.recv(self.adj.recv_bytes)
+            while data:
+                self.last_activity = time.time()
+                self.received(data)
+                # Decrypted bytes still held by OpenSSL: poll() will not report them.
+                pending = sock.pending()
+                if not pending or self.will_close:
+                    return
+                data = sock.recv(pending)
+        except ssl.SSLWantReadError:
+            return  # a partial record: the rest comes with the next read event
+        except ssl.SSLWantWriteError:
+            self._wants_write = True
+            return
+        except OSError:  # ssl.SSLError too: a broken or tampered stream
+            self.handle_close()
+            return
+        self.handle_close()  # b"": the client closed (or sent close_notify)
+
+    def handle_write(self) -> None:
+        if not self._handshaken:
+            if self.will_close:
+                self.handle_close()
+            else:
+                self._handshake()
+            return
+        if self._wants_write:
+            self.handle_read()
+        super().handle_write()
+
+    def send(self, data: bytes, do_close: bool = True) -> int:
+        if self._tls is None:
+            return 0
+        try:
+            return self._tls.send(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0  # retried with the same bytes on the next write event, as OpenSSL asks
+        except ssl.SSLError:
+            if do_close:
+                self.handle_close()
+            return 0
+        except OSError:
+            return int(super().send(data, do_close))
+
+    def _handshake(self) -> None:
+        sock = self._tls
+        if sock is None:
+            return
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._wants_write = False
+            return
+        except ssl.SSLWantWriteError:
+            self._wants_write = True
+            return
+        except OSError as exc:  # a plain-HTTP client, a scanner, an unknown client cert
+            type(self).handshake_failures += 1
+            log.debug("TLS handshake with %s failed: %s", self.addr, exc)
+            self.handle_close()
+            return
+        self._wants_write = False
+        if self.tls_allows is not None and not self.tls_allows(sock.getpeercert()):
+            type(self).handshake_failures += 1
+            log.debug("TLS client %s: certificate names no allowed SAN", self.addr)
+            self.handle_close()
+            return
+        self._handshaken = True
+        self.handle_read()  # a request sent with the handshake's last flight
+
+
+def tls_channel_class(context: ssl.SSLContext, allows: Callable[[Any], bool] | None = None
+                      ) -> type[TLSChannel]:
+    """A TLSChannel subclass for one server: its context, its client certificate check and
+    its own count of failed handshakes."""
+    attributes: dict[str, Any] = {"tls_context": context, "handshake_failures": 0}
+    if allows is not None:
+        attributes["tls_allows"] = staticmethod(allows)
+    return type("ServerTLSChannel", (TLSChannel,), attributes)
+
+
 def _accept_burst(listener: BaseWSGIServer) -> None:
     """Accept up to ACCEPT_BURST waiting connections, within waitress's connection limit."""
     # The socket map waitress counts against connection_limit (private: not in the stubs).
@@ -213,6 +354,8 @@ class WaitressServer:
     """A waitress server driven one poll() at a time by procfleet.serve."""
 
     def __init__(self, app: Callable[..., Any], host: str, port: int, *, head_timeout: float,
+                 tls: ssl.SSLContext | None = None,
+                 tls_allows: Callable[[Any], bool] | None = None,
                  **settings: Any) -> None:
         for problem in waitress_problems():
             log.warning("%s", problem)
@@ -227,8 +370,10 @@ class WaitressServer:
                                     if hasattr(self._server, "map")
                                     else self._server._map)  # type: ignore[attr-defined]
         self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
+        self.channel_class: type[Channel] = (
+            Channel if tls is None else tls_channel_class(tls, tls_allows))
         for listener in self.listeners:
-            listener.channel_class = Channel  # per server object, not process-wide
+            listener.channel_class = self.channel_class  # per server object, not process-wide
             # An instance attribute shadowing the method, on purpose (mypy: method-assign).
             listener.handle_accept = functools.partial(  # type: ignore[method-assign]
                 _accept_burst, listener)
@@ -255,6 +400,11 @@ class WaitressServer:
                 channel.will_close = True
                 closed += 1
         return closed
+
+    def handshake_failures(self) -> int:
+        """TLS handshakes that failed or were refused so far (0 without TLS)."""
+        channel_class = self.channel_class
+        return channel_class.handshake_failures if issubclass(channel_class, TLSChannel) else 0
 
     def wake(self) -> None:
         """Make a poll() in progress return now (safe from a signal handler)."""

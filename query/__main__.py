@@ -20,6 +20,7 @@ from procfleet.configcheck import ConfigError
 from procfleet.logs import add_log_level_flag, setup_logging
 from procfleet.netaddr import ListenError, is_loopback, parse_listen
 from procfleet.serve import raise_file_limit, serve
+from procfleet.webconfig import load as load_web_config
 from query import config as query_config
 from query.app import create_app
 from query.auth import key_hash, new_key
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="load a --config file that users other than root and this "
                              "service's user could change (or, holding a token, read), "
                              "with a warning; refused otherwise")
+    parser.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                        help="TLS and basic auth in the Prometheus exporter-toolkit's format "
+                             "(see docs/api.md)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     keygen = commands.add_parser(
@@ -96,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = (query_config.load(args.config, allow_insecure=args.allow_insecure_config)
                   if args.config else query_config.default_config())
+        web = load_web_config(args.web_config_file) if args.web_config_file else None
     except ConfigError as exc:
         return _fail(str(exc))
     setup_logging(args.log_level or config.log_level)
@@ -104,11 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         host, port = parse_listen(listen)
     except ListenError as exc:
         return _fail(f"--listen: {exc}")
-    if not config.auth.enabled and not is_loopback(host) \
-            and not args.allow_unauthenticated_nonloopback:
+    if not config.auth.enabled and not (web is not None and web.users) \
+            and not is_loopback(host) and not args.allow_unauthenticated_nonloopback:
         return _fail(f"authentication is disabled, so refusing to listen on {listen} (not "
                      "loopback); enable auth, or pass --allow-unauthenticated-nonloopback")
-    if not config.auth.enabled:
+    if not config.auth.enabled and not (web is not None and web.users):
         log.warning("authentication is disabled: every client may query every process")
 
     raise_file_limit()
@@ -118,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"invalid discovery in {config.source}:\n  - {exc}")
     log.info("configuration loaded", extra={"fields": {
         "source": config.source, "exporters": len(discovery.fleet.exporters),
-        "auth": "on" if config.auth.enabled else "off"}})
+        "auth": "on" if config.auth.enabled else "off",
+        "web_config": web.source if web else "none", "tls": "on" if web and web.tls else "off",
+        "basic_auth": "on" if web and web.users else "off"}})
     config_path, allow_insecure = args.config, args.allow_insecure_config
     discovery.start(load_config=(lambda: query_config.load(
         config_path, allow_insecure=allow_insecure)) if config_path else None)
@@ -126,10 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, lambda signum, frame: discovery.request_reload())
     try:
         with Fanout.from_config(config) as fanout:
-            app = create_app(config, discovery=discovery, fanout=fanout)
+            app = create_app(config, discovery=discovery, fanout=fanout, web=web)
             try:
                 serve(app, host, port, logger=log, name="procfleet-query",
-                      threads=config.threads, head_timeout=config.head_timeout)
+                      threads=config.threads, head_timeout=config.head_timeout, web=web)
             except OSError as exc:
                 log.error("cannot listen", extra={"fields": {"listen": listen, "reason": exc}})
                 return 1

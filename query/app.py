@@ -28,6 +28,7 @@ from typing import Any
 import falcon
 
 import procfleet
+from procfleet.basicauth import web_middleware
 from procfleet.params import (
     LOOKUP_PARAMS,
     QUERY_LIST_PARAMS,
@@ -46,9 +47,17 @@ from procfleet.web import (
     lookup_options_or_400,
     pid_or_400,
 )
+from procfleet.webconfig import WebConfig
 from query import metrics as query_metrics
 from query import openapi
-from query.auth import ENVIRON_PERMISSION, PUBLIC, Authenticator, AuthMiddleware, NotFoundSink
+from query.auth import (
+    CHALLENGE,
+    ENVIRON_PERMISSION,
+    PUBLIC,
+    Authenticator,
+    AuthMiddleware,
+    NotFoundSink,
+)
 from query.config import Config
 from query.discovery import Discovery
 from query.failurelog import ExporterFailureLog, ResultObservers
@@ -66,8 +75,12 @@ log = logging.getLogger(__name__)
 
 
 def create_app(config: Config, *, discovery: Discovery | None = None,
-               fanout: Fanout | None = None, metrics: Metrics | None = None) -> App:
+               fanout: Fanout | None = None, metrics: Metrics | None = None,
+               web: WebConfig | None = None) -> App:
     """Build the app. Collaborators not given are made from `config`.
+
+    `web` (--web.config.file): basic auth in front of every path, an API key also accepted
+    there; keys and permissions still apply past it (procfleet/basicauth.py).
 
     The caller owns a `fanout` it passes in (and closes it); one made here is closed at exit.
     """
@@ -83,7 +96,9 @@ def create_app(config: Config, *, discovery: Discovery | None = None,
                     observer=ResultObservers(metrics, ExporterFailureLog()))
     authenticator = Authenticator(config.auth)
 
-    app: App = falcon.App(middleware=[RequestLog(metrics), SignalAudit(metrics),
+    gate = web_middleware(web, accepts=authenticator.accepts if config.auth.enabled else None,
+                          own_scheme=CHALLENGE)
+    app: App = falcon.App(middleware=[RequestLog(metrics), SignalAudit(metrics), *gate,
                                       AuthMiddleware(authenticator), QueryParamRule()])
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handling(app, log)

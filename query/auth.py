@@ -55,6 +55,14 @@ class Authenticator:
                 found = key
         return found
 
+    def accepts(self, req: falcon.Request) -> bool:
+        """Whether the request presents a known key (any permission): what gets it past the
+        basic auth of a web configuration file (procfleet/basicauth.py)."""
+        try:
+            return self.identify(_presented_key(req)) is not None
+        except falcon.HTTPUnauthorized:
+            return False
+
     def check(self, req: falcon.Request, permission: str) -> None:
         """Raise 401 or 403 unless the request's key grants `permission`."""
         if not self.enabled or permission == PUBLIC:
@@ -77,6 +85,10 @@ def _presented_key(req: falcon.Request) -> str:
     authorization = req.get_header("Authorization")
     api_key = req.get_header("X-API-Key")
     bearer = None
+    if authorization is not None and authorization.strip().lower().startswith("basic "):
+        # Basic credentials are the web configuration's (checked by its middleware); the
+        # key then comes in X-API-Key.
+        authorization = None
     if authorization is not None:
         scheme, _, credentials = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not credentials.strip():

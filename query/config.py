@@ -18,17 +18,24 @@
       api_keys:
         - {name: grafana, sha256: "<hex>", permissions: [process:read]}
     exporters:                                      # static discovery
-      - {hostname: web-01, url: "http://10.0.0.1:9256", labels: {group: web.prod},
-         maintenance: false, token: "<token>"}
+      - {hostname: web-01, url: "https://10.0.0.1:9256", labels: {group: web.prod},
+         maintenance: false, token: "<token>",
+         tls: {ca_file: ca.crt, server_name: web-01.example.net,   # how to check https
+               cert_file: client.crt, key_file: client.key}}       # exporters (see below)
     file_sd: ["/etc/prometheus/targets/*.yml",      # Prometheus file_sd files (globs)
-              {files: ["/etc/procfleet/sd/*.yml"], token: "<token>"}]   # with their token
+              {files: ["/etc/procfleet/sd/*.yml"], token: "<token>",   # with their token
+               tls: {ca_file: ca.crt}}]                                # and TLS settings
     prometheus: {url: "http://127.0.0.1:9090", job: procfleet, token: "<token>",
+                 tls: {ca_file: ca.crt},            # for the exporters it names, as token
                  refresh_interval: 30, timeout: 5}   # a Prometheus job's active targets
     discovery: {refresh_interval: 5,                # seconds between file_sd checks
                 allow_insecure_files: false}        # load files others may write (warns)
 
-A relative `file_sd` pattern is relative to the configuration file's directory, as in
-Prometheus.
+A relative `file_sd` pattern or `tls` file is relative to the configuration file's directory,
+as in Prometheus. `tls` applies to the https exporters of its entry or source: their
+certificate is verified against `ca_file` (else the system's CAs) for the name
+`server_name` (else the URL's host); `cert_file`/`key_file` are a client certificate for
+exporters that ask for one (`client_auth_type` in their --web.config.file).
 
 With no file, `default_config()` is a single-machine setup: the local exporter known as this
 host's name, authentication off (the command line then refuses non-loopback addresses).
@@ -51,6 +58,7 @@ from procfleet.configcheck import ConfigError, Problems, is_sha256_hex, read_yam
 from procfleet.hostnames import hostname_problem, is_hostname
 from procfleet.logs import LOG_LEVELS
 from procfleet.netaddr import ListenError, parse_listen
+from query.httpclient import ClientTLS
 from query.targets import is_label_key, is_label_value
 
 # process:read-environ: `?expand=environ` (or all) shows processes' environment variables;
@@ -119,14 +127,17 @@ class ExporterEntry:
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     maintenance: bool = False
     token: str | None = field(default=None, repr=False)
+    tls: ClientTLS | None = None
 
 
 @dataclass(frozen=True)
 class FileSDEntry:
-    """One `file_sd:` entry: its glob patterns, and the token its exporters get (if any)."""
+    """One `file_sd:` entry: its glob patterns, and the token and TLS settings its exporters
+    get (if any)."""
 
     files: tuple[str, ...]
     token: str | None = field(default=None, repr=False)
+    tls: ClientTLS | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +188,7 @@ class PrometheusSD:
     refresh_interval: float = 30.0  # seconds between two reads of /api/v1/targets
     timeout: float = 5.0  # seconds, for the whole HTTP call
     token: str | None = field(default=None, repr=False)  # for the exporters it names
+    tls: ClientTLS | None = None  # for the exporters it names too
 
 
 @dataclass(frozen=True)
@@ -304,9 +316,9 @@ def parse(data: Any, *, source: str = "<config>", base_dir: Path | None = None) 
         exporter_token=exporter_token,
         exporter_token_scope=_token_scope(problems, data.get("exporter_token_scope")),
         auth=_auth(problems, data.get("auth")),
-        exporters=_exporters(problems, data.get("exporters")),
+        exporters=_exporters(problems, data.get("exporters"), base_dir),
         file_sd=_file_sd(problems, data.get("file_sd"), base_dir),
-        prometheus=_prometheus(problems, data.get("prometheus")),
+        prometheus=_prometheus(problems, data.get("prometheus"), base_dir),
         discovery=_discovery(problems, data.get("discovery")),
         source=source,
     )
@@ -404,7 +416,8 @@ def _permissions(problems: Problems, item: Mapping[str, Any], path: str) -> froz
     return frozenset(p for p in raw if p in PERMISSIONS)
 
 
-def _exporters(problems: Problems, raw: Any) -> tuple[ExporterEntry, ...]:
+def _exporters(problems: Problems, raw: Any, base_dir: Path | None = None
+               ) -> tuple[ExporterEntry, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -417,7 +430,8 @@ def _exporters(problems: Problems, raw: Any) -> tuple[ExporterEntry, ...]:
         if not isinstance(item, Mapping):
             problems.add(path, f"must be a mapping, got {type(item).__name__}")
             continue
-        problems.unknown_keys(item, {"hostname", "url", "labels", "maintenance", "token"}, path)
+        problems.unknown_keys(item, {"hostname", "url", "labels", "maintenance", "token", "tls"},
+                              path)
         hostname = problems.typed(item, "hostname", str, "", path)
         if not hostname:
             problems.add(f"{path}.hostname", "is required")
@@ -431,8 +445,11 @@ def _exporters(problems: Problems, raw: Any) -> tuple[ExporterEntry, ...]:
         labels = _labels(problems, item.get("labels"), f"{path}.labels")
         maintenance = problems.typed(item, "maintenance", bool, False, path)
         token = _token(problems, item, "token", path)
+        tls = _client_tls(problems, item, path, base_dir)
+        if tls is not None and url and not url.startswith("https://"):
+            problems.add(f"{path}.tls", "is for https:// exporters; the url is not one")
         entries.append(ExporterEntry(hostname=hostname, url=url, labels=labels,
-                                     maintenance=maintenance, token=token))
+                                     maintenance=maintenance, token=token, tls=tls))
     return tuple(entries)
 
 
@@ -450,9 +467,11 @@ def _file_sd(problems: Problems, raw: Any, base_dir: Path | None) -> tuple[FileS
     for i, item in enumerate(raw):
         where = f"file_sd[{i}]"
         token = None
+        tls = None
         if isinstance(item, Mapping):
-            problems.unknown_keys(item, {"files", "token"}, where)
+            problems.unknown_keys(item, {"files", "token", "tls"}, where)
             token = _token(problems, item, "token", where)
+            tls = _client_tls(problems, item, where, base_dir)
             files = item.get("files")
             if isinstance(files, str):
                 files = [files]
@@ -480,7 +499,7 @@ def _file_sd(problems: Problems, raw: Any, base_dir: Path | None) -> tuple[FileS
             seen[pattern] = at
             patterns.append(pattern)
         if patterns:
-            entries.append(FileSDEntry(files=tuple(patterns), token=token))
+            entries.append(FileSDEntry(files=tuple(patterns), token=token, tls=tls))
     return tuple(entries)
 
 
@@ -524,13 +543,14 @@ def _origin_pattern(text: Any) -> OriginPattern | str:
                          port=int(port_text) if port_text else _DEFAULT_PORTS[scheme])
 
 
-def _prometheus(problems: Problems, raw: Any) -> PrometheusSD | None:
+def _prometheus(problems: Problems, raw: Any, base_dir: Path | None = None
+                ) -> PrometheusSD | None:
     if raw is None:
         return None
     data = problems.mapping(raw, "prometheus")
     if not isinstance(raw, Mapping):
         return None
-    problems.unknown_keys(data, {"url", "job", "refresh_interval", "timeout", "token"},
+    problems.unknown_keys(data, {"url", "job", "refresh_interval", "timeout", "token", "tls"},
                           "prometheus")
     url = _url(problems, data, "prometheus")
     job = problems.typed(data, "job", str, "", "prometheus")
@@ -540,7 +560,43 @@ def _prometheus(problems: Problems, raw: Any) -> PrometheusSD | None:
     timeout = problems.number(data, "timeout", 5.0, "prometheus")
     token = _token(problems, data, "token", "prometheus")
     return PrometheusSD(url=url, job=job, refresh_interval=refresh, timeout=timeout,
-                        token=token)
+                        token=token, tls=_client_tls(problems, data, "prometheus", base_dir))
+
+
+_TLS_KEYS = {"ca_file", "server_name", "cert_file", "key_file"}
+
+
+def _client_tls(problems: Problems, item: Mapping[str, Any], path: str,
+                base_dir: Path | None) -> ClientTLS | None:
+    """`tls:` of an exporter entry or source, its files checked by loading them."""
+    if item.get("tls") is None:
+        return None
+    where = f"{path}.tls"
+    data = problems.mapping(item["tls"], where)
+    problems.unknown_keys(data, _TLS_KEYS, where)
+    files: dict[str, str | None] = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = problems.typed(data, key, str, None, where)
+        if value is not None and base_dir is not None and not Path(value).is_absolute():
+            value = str(base_dir / value)
+        if value is not None and not Path(value).is_file():
+            problems.add(f"{where}.{key}", f"no such file: {value}")
+            value = None
+        files[key] = value
+    if ("cert_file" in data) != ("key_file" in data):
+        problems.add(where, "cert_file and key_file go together (a client certificate)")
+    server_name = problems.typed(data, "server_name", str, None, where)
+    if server_name is not None and not is_hostname(server_name):
+        problems.add(f"{where}.server_name", "must be a host name")
+        server_name = None
+    tls = ClientTLS(ca_file=files["ca_file"], server_name=server_name,
+                    cert_file=files["cert_file"], key_file=files["key_file"])
+    try:
+        tls.context()
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        problems.add(where, f"cannot use its CA or client certificate: {reason}")
+    return tls
 
 
 def _discovery(problems: Problems, raw: Any) -> DiscoverySettings:

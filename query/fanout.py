@@ -40,6 +40,7 @@ import logging
 import math
 import queue
 import re
+import ssl
 import threading
 import time
 from collections import deque
@@ -367,7 +368,8 @@ class Fanout:
                                          daemon=True)
         self._thread.start()
         self._closed = False
-        self._requests: dict[tuple[str, str | None, str], tuple[httpclient.Origin, bytes]] = {}
+        self._requests: dict[tuple[str, str | None, str, httpclient.ClientTLS | None],
+                             tuple[httpclient.Origin, bytes]] = {}
         self._inbox: list[_Job] = []
         self._inbox_lock = threading.Lock()
         self._wake_pending = False
@@ -776,10 +778,10 @@ class Fanout:
         """Where to send the call and its request head (ValueError for an unusable URL)."""
         # Kept per exporter and request: a broadcast to 10,000 exporters would otherwise
         # parse 10,000 URLs and build 10,000 heads that are the same as last time.
-        key = (exporter.url, exporter.token, call.target)
+        key = (exporter.url, exporter.token, call.target, exporter.tls)
         made = self._requests.get(key) if call.method == "GET" else None
         if made is None:
-            origin = httpclient.Origin.parse(exporter.url)
+            origin = httpclient.Origin.parse(exporter.url, exporter.tls)
             headers = self._headers
             if exporter.token:
                 headers = {**headers, "Authorization": f"Bearer {exporter.token}"}
@@ -931,6 +933,8 @@ def _failure(error: Exception) -> tuple[Kind, str]:
 
 
 def _reason(error: OSError) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError):  # the CA or name in its tls: key
+        return f"TLS certificate not trusted: {error.verify_message}"
     return error.strerror or str(error) or type(error).__name__
 
 

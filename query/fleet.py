@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from query.httpclient import ClientTLS
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,7 @@ class Exporter:
     """One exporter the query service may call: its name, base URL and labels.
 
     `source` is static, file_sd or prometheus; `origin` says where exactly (a file, a URL).
+    `tls` says how an https exporter's certificate is checked (None: the system's CAs).
     """
 
     hostname: str
@@ -26,6 +30,7 @@ class Exporter:
     token: str | None = field(default=None, repr=False)
     source: str = "static"
     origin: str = ""
+    tls: ClientTLS | None = None
 
 
 @dataclass(frozen=True)

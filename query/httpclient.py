@@ -93,17 +93,45 @@ class Response:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientTLS:
+    """How to check an https exporter: the CA that signs its certificate (else the
+    system's), the name its certificate holds (else the URL's host), and a client
+    certificate to present (for an exporter with client_auth_type set)."""
+
+    ca_file: str | None = None
+    server_name: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that verifies the exporter; ssl.SSLError or OSError when a file
+        cannot be used."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+@dataclass(frozen=True, slots=True)
 class Origin:
-    """Where an exporter listens: scheme, host, port and the base URL's path prefix."""
+    """Where an exporter listens: scheme, host, port and the base URL's path prefix; for
+    https, how its certificate is checked (`tls`, part of the pool key: a connection
+    verified against one CA is never handed to a caller that trusts another)."""
 
     scheme: str
     host: str
     port: int
     host_header: str
     prefix: str = ""  # "/procfleet" for http://gw/procfleet/: requests go below it
+    tls: ClientTLS | None = None
+
+    @property
+    def server_name(self) -> str:
+        """The name the exporter's certificate must hold (and the SNI sent)."""
+        return self.tls.server_name if self.tls and self.tls.server_name else self.host
 
     @classmethod
-    def parse(cls, url: str) -> Origin:
+    def parse(cls, url: str, tls: ClientTLS | None = None) -> Origin:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -112,7 +140,7 @@ class Origin:
         shown = f"[{host}]" if ":" in host else host
         default = port == (443 if parts.scheme == "https" else 80)
         return cls(parts.scheme, host, port, shown if default else f"{shown}:{port}",
-                   parts.path.rstrip("/"))
+                   parts.path.rstrip("/"), tls if parts.scheme == "https" else None)
 
 
 MAX_REQUEST_BODY = 64 * 1024  # a signal request is a few hundred bytes
@@ -563,14 +591,25 @@ def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, bound: int, now: f
     cache[key] = value
 
 
-_TLS: ssl.SSLContext | None = None
+# Client contexts by TLS settings: one per CA and client certificate configured, so a few.
+# Bounded all the same (discovery could name many); past it the cache starts over.
+MAX_TLS_CONTEXTS = 256
+_TLS_CONTEXTS: dict[ClientTLS | None, ssl.SSLContext] = {}
+_TLS_LOCK = threading.Lock()
 
 
-def _tls_context() -> ssl.SSLContext:
-    global _TLS
-    if _TLS is None:
-        _TLS = ssl.create_default_context()
-    return _TLS
+def _tls_context(tls: ClientTLS | None = None) -> ssl.SSLContext:
+    """The context for `tls` (None: the system's CAs), made once; ssl.SSLError or OSError
+    when its files cannot be used (a ConnectError for the caller, as a refused connection)."""
+    with _TLS_LOCK:
+        context = _TLS_CONTEXTS.get(tls)
+    if context is None:
+        context = tls.context() if tls is not None else ssl.create_default_context()
+        with _TLS_LOCK:
+            if len(_TLS_CONTEXTS) >= MAX_TLS_CONTEXTS:
+                _TLS_CONTEXTS.clear()
+            context = _TLS_CONTEXTS.setdefault(tls, context)
+    return context
 
 
 # -- blocking transport ---------------------------------------------------------------------
@@ -664,7 +703,8 @@ class SyncClient:
                 sock.connect(sockaddr)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if origin.scheme == "https":
-                    sock = _tls_context().wrap_socket(sock, server_hostname=origin.host)
+                    sock = _tls_context(origin.tls).wrap_socket(
+                        sock, server_hostname=origin.server_name)
                 return sock
             except TimeoutError:
                 sock.close()
@@ -846,13 +886,16 @@ class AsyncClient:
     async def _connect(self, origin: Origin) -> _Connection:
         addresses = await self._resolver.resolve(origin.host, origin.port)
         loop = asyncio.get_running_loop()
-        tls = _tls_context() if origin.scheme == "https" else None
+        try:
+            tls = _tls_context(origin.tls) if origin.scheme == "https" else None
+        except OSError as exc:  # a CA or client certificate file gone since the config load
+            raise ConnectError(exc) from None
         error: OSError | None = None
         for family, sockaddr in addresses:
             try:
                 _, conn = await loop.create_connection(
                     _Connection, sockaddr[0], sockaddr[1], family=family, ssl=tls,
-                    server_hostname=origin.host if tls else None)
+                    server_hostname=origin.server_name if tls else None)
                 return conn
             except OSError as exc:  # ssl.SSLError is an OSError too
                 error = exc

@@ -67,7 +67,7 @@ class StaticSource:
         self._exporters = tuple(
             Exporter(hostname=e.hostname, url=e.url, labels=e.labels, maintenance=e.maintenance,
                      token=config.exporter_token_for(self.name, e.url, e.token),
-                     source=self.name,
+                     source=self.name, tls=e.tls,
                      origin=config.source)
             for e in config.exporters
         )
@@ -165,10 +165,10 @@ class FileSDSource:
             except DiscoveryError as exc:
                 problems.append(str(exc))
                 continue
-            own = files[path].token
+            own, tls = files[path].token, files[path].tls
             for exporter in found:
                 exporter = dataclasses.replace(
-                    exporter, token=self._resolve(self.name, exporter.url, own))
+                    exporter, token=self._resolve(self.name, exporter.url, own), tls=tls)
                 if exporter.hostname in seen:
                     problems.append(f"{path}: hostname {exporter.hostname!r} is already "
                                     f"defined in {seen[exporter.hostname]}")
@@ -365,7 +365,8 @@ class PrometheusSource:
                                         source=self.name, origin=self.settings.url,
                                         scheme=scheme, path=path)
         return dataclasses.replace(exporter, token=self._resolve(self.name, exporter.url,
-                                                                 self.settings.token))
+                                                                 self.settings.token),
+                                   tls=self.settings.tls)
 
     def _fetch(self, url: str) -> bytes:
         """The body of a GET, within `timeout` seconds overall and the size cap."""
