@@ -32,7 +32,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
-from procfleet.web import rfc3339
+from procfleet.timefmt import rfc3339
 
 # What a finished call says about the exporter's liveness.
 Outcome = Literal["answered", "timeout", "connect_failed", "inconclusive"]

@@ -32,7 +32,10 @@ def loaded_by(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize("module", [
-    "exporter.procs", "exporter.config", "query.config", "procfleet.timefmt",
+    "exporter.procs", "exporter.config", "exporter.info", "exporter.rates", "exporter.search",
+    "exporter.details", "exporter.masking", "exporter.groups", "query.config",
+    "query.breaker", "query.httpclient", "query.targets", "query.health", "query.fleet",
+    "procfleet.timefmt", "procfleet.params", "procfleet.process", "procfleet.signals",
 ])
 def test_lower_layers_load_no_web_framework(module: str) -> None:
     assert loaded_by(module) == set()
