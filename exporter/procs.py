@@ -372,14 +372,7 @@ class ProcDir:
             data = os.read(fd, _READ_CHUNK)
             if len(data) < _READ_CHUNK:
                 return data
-            chunks, size = [data], len(data)
-            while size < _READ_LIMIT:
-                more = os.read(fd, min(_READ_LIMIT - size, 1 << 16))
-                if not more:
-                    break
-                chunks.append(more)
-                size += len(more)
-            return b"".join(chunks)
+            return _read_rest(fd, [data], _READ_LIMIT)
         finally:
             os.close(fd)
 
@@ -398,14 +391,7 @@ class ProcDir:
         net/tcp give a page or so per read, so a short read is not their end."""
         fd = os.open(f"{self.root}/{pid}/{name}", os.O_RDONLY)
         try:
-            chunks, size = [], 0
-            while size < limit:
-                more = os.read(fd, min(limit - size, 1 << 16))
-                if not more:
-                    break
-                chunks.append(more)
-                size += len(more)
-            return b"".join(chunks)
+            return _read_rest(fd, [], limit)
         finally:
             os.close(fd)
 
@@ -760,3 +746,15 @@ def make_reader(kind: str = "auto") -> ProcfsReader | PsutilReader:
     if kind == "procfs" or (sys.platform.startswith("linux") and os.path.exists("/proc/self/stat")):
         return ProcfsReader()
     return PsutilReader()
+
+
+def _read_rest(fd: int, chunks: list[bytes], limit: int) -> bytes:
+    """`chunks` and what `fd` still holds, to its end or `limit` bytes in all."""
+    size = sum(len(c) for c in chunks)
+    while size < limit:
+        more = os.read(fd, min(limit - size, 1 << 16))
+        if not more:
+            break
+        chunks.append(more)
+        size += len(more)
+    return b"".join(chunks)

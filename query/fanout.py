@@ -587,6 +587,25 @@ class Fanout:
 
     # -- inside the loop -----------------------------------------------------------------
 
+    def _join(self, exporter: Exporter, call: Call) -> Result | _LoopFlight:
+        """On the loop: the call of a broadcast to `exporter`, new or shared with one under
+        way (its `sharers` counted: the call leaves the bulkhead for each when it ends, or the
+        asker does at its deadline); or at once the result of not asking (maintenance,
+        circuit open, bulkhead full)."""
+        name = exporter.hostname
+        if exporter.maintenance:
+            return Result(name, "maintenance", MAINTENANCE_ERROR)
+        refused = self.guards.enter(name, block=False)
+        if refused is not None:
+            return Result(name, "rejected", refused)
+        key = _flight_key(exporter, call)
+        flight = self._loop_flights.get(key)
+        if flight is None:
+            flight = self._loop_flights[key] = _LoopFlight()
+            flight.task = asyncio.create_task(self._call(exporter, call, key, flight))
+        flight.sharers += 1
+        return flight
+
     async def _all(self, exporters: Sequence[Exporter], call: Call) -> list[Result]:
         """Ask every exporter on the loop (or share a call under way); one result each.
 
@@ -596,25 +615,14 @@ class Fanout:
         """
         results: list[Result | None] = [None] * len(exporters)
         asked: list[tuple[int, _LoopFlight]] = []
-        flights = self._loop_flights
         guards = self.guards
         try:
             for index, exporter in enumerate(exporters):
-                name = exporter.hostname
-                if exporter.maintenance:
-                    results[index] = Result(name, "maintenance", MAINTENANCE_ERROR)
-                    continue
-                refused = guards.enter(name, block=False)
-                if refused is not None:
-                    results[index] = Result(name, "rejected", refused)
-                    continue
-                key = _flight_key(exporter, call)
-                flight = flights.get(key)
-                if flight is None:
-                    flight = flights[key] = _LoopFlight()
-                    flight.task = asyncio.create_task(self._call(exporter, call, key, flight))
-                flight.sharers += 1  # left by the call when it ends, or below at the deadline
-                asked.append((index, flight))
+                joined = self._join(exporter, call)
+                if isinstance(joined, Result):
+                    results[index] = joined
+                else:
+                    asked.append((index, joined))
             if asked:
                 await asyncio.wait([flight.task for _, flight in asked],
                                    timeout=self.request_timeout)
@@ -643,7 +651,6 @@ class Fanout:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout
-        flights = self._loop_flights
         guards = self.guards
         asked: dict[int, _LoopFlight] = {}
         watched: list[tuple[asyncio.Task[Result], Callable[[object], None]]] = []
@@ -651,21 +658,10 @@ class Fanout:
         wake = asyncio.Event()
         try:
             for index, exporter in enumerate(exporters):
-                name = exporter.hostname
-                if exporter.maintenance:
-                    await self._hand(stream, index, Result(name, "maintenance",
-                                                           MAINTENANCE_ERROR))
+                flight = self._join(exporter, call)
+                if isinstance(flight, Result):
+                    await self._hand(stream, index, flight)
                     continue
-                refused = guards.enter(name, block=False)
-                if refused is not None:
-                    await self._hand(stream, index, Result(name, "rejected", refused))
-                    continue
-                key = _flight_key(exporter, call)
-                flight = flights.get(key)
-                if flight is None:
-                    flight = flights[key] = _LoopFlight()
-                    flight.task = asyncio.create_task(self._call(exporter, call, key, flight))
-                flight.sharers += 1
                 asked[index] = flight
                 callback = functools.partial(_ready, ready, wake, index)
                 flight.task.add_done_callback(callback)
