@@ -253,15 +253,86 @@ class _Job:
             self.task.cancel()
 
 
+class _Waiter:
+    """What waits on loop flights: told each one's result, once, as it arrives."""
+
+    __slots__ = ()
+
+    def arrived(self, index: int, result: Result) -> None:
+        raise NotImplementedError
+
+
 class _LoopFlight:
     """One call in flight on the loop, and how many broadcasts wait on it (each entered the
-    exporter's bulkhead once, and leaves it when the call ends or its deadline passes)."""
+    exporter's bulkhead once, and leaves it when the call ends or its deadline passes).
 
-    __slots__ = ("task", "sharers")
+    Driven by callbacks, not a task: the answer's callback, or the timer of the exporter
+    timeout, settles it and tells its waiters. A task exists only while a connection is
+    being made (`_connecting`); every other step is a plain call on the loop.
+    """
+
+    __slots__ = ("exporter", "call", "key", "sharers", "result", "waiters", "started",
+                 "began", "origin", "timer", "conn", "task")
+
+    def __init__(self, exporter: Exporter, call: Call, key: FlightKey) -> None:
+        self.exporter = exporter
+        self.call = call
+        self.key = key
+        self.sharers = 0
+        self.result: Result | None = None
+        self.waiters: list[tuple[_Waiter, int]] = []
+        self.started = False  # told to the breaker (start_call): finish_call is owed
+        self.began = False  # holds one of the in-flight slots
+        self.origin: httpclient.Origin | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.conn: httpclient.Connection | None = None  # the kept-alive one it went out on
+        self.task: asyncio.Task[httpclient.Response] | None = None
+
+
+class _Gather(_Waiter):
+    """A broadcast's results by index; `done` is set when the last awaited one arrives."""
+
+    __slots__ = ("results", "pending", "sealed", "done", "closed")
+
+    def __init__(self, results: list[Result | None], done: asyncio.Future[None]) -> None:
+        self.results = results
+        self.pending = 0
+        self.sealed = False  # every flight is counted in `pending` (calls may end before)
+        self.done = done
+        self.closed = False
+
+    def wait_for(self, index: int, flight: _LoopFlight) -> None:
+        self.pending += 1
+        flight.waiters.append((self, index))
+
+    def seal(self) -> None:
+        self.sealed = True
+        if self.pending == 0 and not self.done.done():
+            self.done.set_result(None)
+
+    def arrived(self, index: int, result: Result) -> None:
+        if self.closed:
+            return
+        self.results[index] = result
+        self.pending -= 1
+        if self.sealed and self.pending == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+class _Arrivals(_Waiter):
+    """A streamed broadcast's results in the order they arrive, and an event that says so."""
+
+    __slots__ = ("ready", "wake", "closed")
 
     def __init__(self) -> None:
-        self.task: asyncio.Task[Result]
-        self.sharers = 0
+        self.ready: deque[tuple[int, Result]] = deque()
+        self.wake = asyncio.Event()
+        self.closed = False
+
+    def arrived(self, index: int, result: Result) -> None:
+        if not self.closed:
+            self.ready.append((index, result))
+            self.wake.set()
 
 
 class _Flight:
@@ -344,11 +415,6 @@ class ResultStream:
             self._fanout._loop.call_soon_threadsafe(job.cancel)
 
 
-def _ready(ready: deque[int], wake: asyncio.Event, index: int, task: object) -> None:
-    ready.append(index)
-    wake.set()
-
-
 class Fanout:
     """Calls exporters: unicasts from the calling thread, broadcasts from an event-loop thread.
 
@@ -381,14 +447,18 @@ class Fanout:
         # Unicasts run in request threads: they get their own bound, like the loop's.
         self._sync_slots = threading.BoundedSemaphore(max_in_flight)
         self._client = httpclient.AsyncClient(self._resolver)
-        self._slots: asyncio.Semaphore
+        # Loop calls holding a slot, and those waiting for one (FIFO): a counter and a deque
+        # rather than an asyncio.Semaphore, whose release scans the waiters already woken
+        # (quadratic when hundreds of answers arrive in one loop iteration).
+        self._active = 0
+        self._queued: deque[_LoopFlight] = deque()
+        self._draining = False
         self.guards = Guards(max_waiting=max_waiting_per_exporter, cooldown=circuit_cooldown)
         # Calls in flight, by what they ask: from request threads, and on the loop. Each
         # holds only calls under way, so they are bounded by the threads and `_slots`.
         self._flights: dict[FlightKey, _Flight] = {}
         self._flights_lock = threading.Lock()
         self._loop_flights: dict[FlightKey, _LoopFlight] = {}
-        asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout=10)
 
     @classmethod
     def from_config(cls, config: Config) -> Fanout:
@@ -397,9 +467,6 @@ class Fanout:
                    max_in_flight=config.fanout.max_in_flight,
                    max_waiting_per_exporter=config.fanout.max_waiting_per_exporter,
                    circuit_cooldown=config.fanout.circuit_cooldown)
-
-    async def _open(self) -> None:
-        self._slots = asyncio.Semaphore(self.max_in_flight)
 
     def close(self) -> None:
         """Close the kept-alive connections and stop the loop thread; idempotent."""
@@ -415,10 +482,9 @@ class Fanout:
             self._loop.close()
 
     async def _close_client(self) -> None:
-        flights = [flight.task for flight in self._loop_flights.values()]
-        for task in flights:
-            task.cancel()
-        await asyncio.gather(*flights, return_exceptions=True)
+        self._queued.clear()
+        for flight in list(self._loop_flights.values()):
+            self._complete(flight, self._deadline_result(flight.exporter), "inconclusive")
         self._client.close()
         await asyncio.sleep(0)  # let the transports finish closing their sockets
         await asyncio.sleep(0)
@@ -591,7 +657,7 @@ class Fanout:
         """On the loop: the call of a broadcast to `exporter`, new or shared with one under
         way (its `sharers` counted: the call leaves the bulkhead for each when it ends, or the
         asker does at its deadline); or at once the result of not asking (maintenance,
-        circuit open, bulkhead full)."""
+        circuit open, bulkhead full). The flight returned may already hold its result."""
         name = exporter.hostname
         if exporter.maintenance:
             return Result(name, "maintenance", MAINTENANCE_ERROR)
@@ -600,44 +666,178 @@ class Fanout:
             return Result(name, "rejected", refused)
         key = _flight_key(exporter, call)
         flight = self._loop_flights.get(key)
-        if flight is None:
-            flight = self._loop_flights[key] = _LoopFlight()
-            flight.task = asyncio.create_task(self._call(exporter, call, key, flight))
-        flight.sharers += 1
+        if flight is not None:
+            flight.sharers += 1
+            return flight
+        flight = self._loop_flights[key] = _LoopFlight(exporter, call, key)
+        flight.sharers = 1
+        refused = self.guards.start_call(name)
+        if refused is not None:
+            self._complete(flight, Result(name, "rejected", refused), None)
+        else:
+            flight.started = True
+            if self._active < self.max_in_flight:
+                self._begin(flight)
+            else:
+                self._queued.append(flight)
         return flight
+
+    def _begin(self, flight: _LoopFlight) -> None:
+        """Take a slot and send the call: on a kept-alive connection with a callback, else
+        (a new connection is needed, or an action) in a task; the exporter timeout runs from
+        here, as a timer."""
+        self._active += 1
+        flight.began = True
+        exporter, call = flight.exporter, flight.call
+        try:
+            origin, request = self._request(exporter, call)
+        except ValueError as exc:
+            self._finish(flight, exc)
+            return
+        loop = self._loop
+        flight.origin = origin
+        flight.timer = loop.call_at(loop.time() + self.exporter_timeout, self._expire, flight)
+        conn = self._client.take(origin) if call.method == "GET" else None
+        if conn is not None:
+            flight.conn = conn
+            conn.send(request, call.body_cap, functools.partial(self._answered, flight))
+        else:
+            self._connecting(flight, request, fresh=call.method != "GET")
+
+    def _connecting(self, flight: _LoopFlight, request: bytes, *, fresh: bool) -> None:
+        assert flight.origin is not None
+        task = flight.task = self._loop.create_task(
+            self._client.get(flight.origin, request, flight.call.body_cap, fresh=fresh))
+        task.add_done_callback(functools.partial(self._connected, flight))
+
+    def _answered(self, flight: _LoopFlight, outcome: httpclient.Response | BaseException
+                  ) -> None:
+        """The kept-alive connection's outcome: keep the connection, or retry once on a new
+        one when the exporter had closed it while idle."""
+        conn, flight.conn = flight.conn, None
+        assert conn is not None  # _complete() forgets the connection before clearing it
+        if flight.result is not None:  # timed out meanwhile: the connection state is unknown
+            conn.forget()
+            return
+        if isinstance(outcome, httpclient.Response):
+            if not conn.closed:
+                assert flight.origin is not None
+                self._client.put(flight.origin, conn)
+            self._finish(flight, outcome)
+            return
+        conn.forget()
+        if isinstance(outcome, httpclient.STALE):
+            request = self._request(flight.exporter, flight.call)[1]
+            self._connecting(flight, request, fresh=True)
+            return
+        self._finish(flight, outcome)
+
+    def _connected(self, flight: _LoopFlight, task: asyncio.Task[httpclient.Response]
+                   ) -> None:
+        flight.task = None
+        if flight.result is not None or task.cancelled():
+            return
+        exc = task.exception()
+        self._finish(flight, task.result() if exc is None else exc)
+
+    def _expire(self, flight: _LoopFlight) -> None:
+        """The exporter timeout passed: drop the call's connection (or connecting task)."""
+        flight.timer = None
+        self._finish(flight, TimeoutError())
+
+    def _finish(self, flight: _LoopFlight, outcome: httpclient.Response | BaseException
+                ) -> None:
+        """What the call came to, classified and told to the breaker and the waiters."""
+        if flight.result is not None:
+            return
+        if not isinstance(outcome, (httpclient.Response, TimeoutError, httpclient.HTTPError,
+                                    ValueError)):
+            log.error("exporter call failed unexpectedly", exc_info=outcome)
+            outcome = httpclient.HTTPError(type(outcome).__name__)
+        result, liveness = self._settle(flight.exporter.hostname, flight.call, outcome)
+        self._complete(flight, result, liveness)
+
+    def _complete(self, flight: _LoopFlight, result: Result, liveness: Outcome | None) -> None:
+        """Settle `flight` with `result`: free what it holds, then tell its waiters."""
+        if flight.result is not None:
+            return
+        flight.result = result
+        name = flight.exporter.hostname
+        if flight.timer is not None:
+            flight.timer.cancel()
+            flight.timer = None
+        if flight.conn is not None:
+            flight.conn.forget()
+            flight.conn = None
+        if flight.task is not None:
+            flight.task.cancel()
+            flight.task = None
+        if flight.started:
+            self.guards.finish_call(name, liveness or "inconclusive")
+        if self._loop_flights.get(flight.key) is flight:
+            del self._loop_flights[flight.key]
+        for _ in range(flight.sharers):
+            self.guards.leave(name)
+        flight.sharers = 0
+        for waiter, index in flight.waiters:
+            waiter.arrived(index, result)
+        flight.waiters.clear()
+        if flight.began:
+            self._active -= 1
+            self._drain()
+
+    def _drain(self) -> None:
+        """Begin queued calls while slots are free. Not re-entered: a call that ends at once
+        (an unusable URL) would otherwise nest one level per queued call."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            queued = self._queued
+            while queued and self._active < self.max_in_flight:
+                self._begin(queued.popleft())
+        finally:
+            self._draining = False
+
+    def _leave(self, flight: _LoopFlight) -> None:
+        """An asker's deadline passed before `flight` ended: it no longer waits on it."""
+        if flight.result is None and flight.sharers > 0:
+            flight.sharers -= 1
+            self.guards.leave(flight.exporter.hostname)
 
     async def _all(self, exporters: Sequence[Exporter], call: Call) -> list[Result]:
         """Ask every exporter on the loop (or share a call under way); one result each.
 
-        One task per exporter call and nothing else per exporter: no task per asker, no
-        shield. The request deadline does not cancel the calls: one shared with another
-        request goes on, bounded by the exporter timeout.
+        Nothing per exporter but its flight (shared by every request asking the same) and a
+        place in this request's list. The request deadline does not cancel the calls: one
+        shared with another request goes on, bounded by the exporter timeout.
         """
         results: list[Result | None] = [None] * len(exporters)
+        gather = _Gather(results, self._loop.create_future())
         asked: list[tuple[int, _LoopFlight]] = []
-        guards = self.guards
         try:
             for index, exporter in enumerate(exporters):
                 joined = self._join(exporter, call)
                 if isinstance(joined, Result):
                     results[index] = joined
+                elif joined.result is not None:
+                    results[index] = joined.result
                 else:
+                    gather.wait_for(index, joined)
                     asked.append((index, joined))
-            if asked:
-                await asyncio.wait([flight.task for _, flight in asked],
-                                   timeout=self.request_timeout)
+            gather.seal()
+            if not gather.done.done():
+                try:
+                    async with asyncio.timeout(self.request_timeout):
+                        await gather.done
+                except TimeoutError:
+                    pass
         finally:
+            gather.closed = True
             for index, flight in asked:
-                task = flight.task
-                if not task.done():
-                    if flight.sharers > 0:  # this request no longer waits on the exporter
-                        flight.sharers -= 1
-                        guards.leave(exporters[index].hostname)
+                if results[index] is None:
+                    self._leave(flight)
                     results[index] = self._deadline_result(exporters[index])
-                elif task.cancelled():
-                    results[index] = self._deadline_result(exporters[index])
-                else:
-                    results[index] = task.result()
         return results  # type: ignore[return-value]  # every index was filled above
 
     async def _stream(self, exporters: Sequence[Exporter], call: Call,
@@ -645,53 +845,45 @@ class Fanout:
         """`_all`, handing each result to `stream` as it comes instead of all at the end.
 
         The loop never blocks on the reader: a full queue is retried every few milliseconds
-        for at most `stream.slow_reader_timeout`, then the reader is dropped. A done-callback
-        per call (not asyncio.wait over all pending calls per arrival, which is quadratic)
-        says which call ended.
+        for at most `stream.slow_reader_timeout`, then the reader is dropped.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout
-        guards = self.guards
+        arrivals = _Arrivals()
         asked: dict[int, _LoopFlight] = {}
-        watched: list[tuple[asyncio.Task[Result], Callable[[object], None]]] = []
-        ready: deque[int] = deque()
-        wake = asyncio.Event()
         try:
             for index, exporter in enumerate(exporters):
-                flight = self._join(exporter, call)
-                if isinstance(flight, Result):
-                    await self._hand(stream, index, flight)
-                    continue
-                asked[index] = flight
-                callback = functools.partial(_ready, ready, wake, index)
-                flight.task.add_done_callback(callback)
-                watched.append((flight.task, callback))
+                joined = self._join(exporter, call)
+                if isinstance(joined, Result):
+                    await self._hand(stream, index, joined)
+                elif joined.result is not None:
+                    await self._hand(stream, index, joined.result)
+                else:
+                    joined.waiters.append((arrivals, index))
+                    asked[index] = joined
+            ready = arrivals.ready
             while asked:
                 while ready:
-                    index = ready.popleft()
-                    task = asked.pop(index).task
-                    await self._hand(stream, index, self._deadline_result(exporters[index])
-                                     if task.cancelled() else task.result())
+                    index, result = ready.popleft()
+                    del asked[index]
+                    await self._hand(stream, index, result)
                 if not asked:
                     break
-                wake.clear()
+                arrivals.wake.clear()
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
                 try:
                     async with asyncio.timeout(remaining):
-                        await wake.wait()
+                        await arrivals.wake.wait()
                 except TimeoutError:
                     break
         except _ReaderGone:
             pass
         finally:
-            for watched_task, watcher in watched:
-                watched_task.remove_done_callback(watcher)
-            for index, flight in asked.items():
-                if not flight.task.done() and flight.sharers > 0:
-                    flight.sharers -= 1
-                    guards.leave(exporters[index].hostname)
+            arrivals.closed = True
+            for flight in asked.values():
+                self._leave(flight)
             stream.finished = True
             try:
                 stream.queue.put_nowait((-1, Result("", "timeout")))  # wakes a waiting reader
@@ -738,37 +930,6 @@ class Fanout:
             return Result(name, "timeout", self._timeout_error), "timeout"
         result = classify(name, call, outcome)
         return result, _liveness(result)
-
-    async def _call(self, exporter: Exporter, call: Call, key: FlightKey,
-                    flight: _LoopFlight) -> Result:
-        """The one real call behind a broadcast's exporter, bounded by the exporter timeout
-        once it has a slot, and told to the circuit breaker; then its askers leave."""
-        name = exporter.hostname
-        try:
-            refused = self.guards.start_call(name)
-            if refused is not None:
-                return Result(name, "rejected", refused)
-            liveness: Outcome = "inconclusive"
-            try:
-                async with self._slots:
-                    try:
-                        origin, request = self._request(exporter, call)
-                        async with asyncio.timeout(self.exporter_timeout):
-                            outcome: httpclient.Response | Exception = \
-                                await self._client.get(origin, request, call.body_cap,
-                                                       fresh=call.method != "GET")
-                    except (TimeoutError, httpclient.HTTPError, ValueError) as exc:
-                        outcome = exc
-                    result, liveness = self._settle(name, call, outcome)
-                    return result
-            finally:
-                self.guards.finish_call(name, liveness)
-        finally:
-            if self._loop_flights.get(key) is flight:
-                del self._loop_flights[key]
-            for _ in range(flight.sharers):
-                self.guards.leave(name)
-            flight.sharers = 0
 
     def _request(self, exporter: Exporter, call: Call) -> tuple[httpclient.Origin, bytes]:
         """Where to send the call and its request head (ValueError for an unusable URL)."""

@@ -420,12 +420,13 @@ class Pool(Generic[Conn]):
     Bounded per origin and in total (a connection past either bound is closed, not kept).
     A connection is handed out only when `usable(conn)` says so: one that became readable
     while idle (closed by the exporter, or holding bytes nobody asked for) is closed, as
-    urllib3's is_connection_dropped does. `sweep()` closes those idle past `idle_seconds`;
-    the transports call it on a timer, so idle sockets go even if their origin is never
-    asked again.
+    urllib3's is_connection_dropped does. `sweep()` closes those idle past `idle_seconds` or
+    no longer `alive(conn)` (by default: usable); the transports call it on a timer, so idle
+    sockets go even if their origin is never asked again.
     """
 
     def __init__(self, close: Callable[[Conn], None], usable: Callable[[Conn], bool], *,
+                 alive: Callable[[Conn], bool] | None = None,
                  idle_seconds: float = IDLE_SECONDS, per_origin: int = MAX_IDLE_PER_ORIGIN,
                  total: int = MAX_IDLE_TOTAL) -> None:
         self.idle_seconds = idle_seconds
@@ -433,6 +434,7 @@ class Pool(Generic[Conn]):
         self.total = total
         self._close = close
         self._usable = usable
+        self._alive = alive or usable
         self._idle: dict[Origin, list[tuple[Conn, float]]] = {}
         self._count = 0
         self._lock = threading.Lock()
@@ -481,7 +483,7 @@ class Pool(Generic[Conn]):
             for origin, idle in list(self._idle.items()):
                 keep = []
                 for conn, since in idle:
-                    if now - since < self.idle_seconds and self._usable(conn):
+                    if now - since < self.idle_seconds and self._alive(conn):
                         keep.append((conn, since))
                     else:
                         dead.append(conn)
@@ -504,18 +506,23 @@ class Pool(Generic[Conn]):
 
 
 def _readable(sock: socket.socket | Any) -> bool:
-    """True when `sock` has bytes (or an EOF) waiting: an idle connection must not have.
-
-    poll(), not select(): descriptors past 1023 are ordinary in a service that raises its
-    open-files limit.
-    """
+    """True when `sock` has bytes (or an EOF) waiting: an idle connection must not have."""
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
     try:
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
+        return _fd_readable(sock.fileno())
     except (OSError, ValueError):  # closed meanwhile: fileno() is -1
+        return True
+
+
+def _fd_readable(fd: int) -> bool:
+    """poll(), not select(): descriptors past 1023 are ordinary in a service that raises its
+    open-files limit."""
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
         return True
 
 
@@ -756,6 +763,11 @@ class _Stale(Exception):
         self.os_error = os_error
 
 
+# What a request on a kept-alive connection may end in when the exporter had closed it while
+# idle: asked again once, on a new connection.
+STALE = (Disconnected, _Stale)
+
+
 def _remaining(until: float) -> float:
     left = until - time.monotonic()
     if left <= 0:
@@ -765,35 +777,66 @@ def _remaining(until: float) -> float:
 
 # -- asyncio transport ----------------------------------------------------------------------
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection on the loop; carries one request at a time."""
+Settle = Callable[["Response | BaseException"], None]
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection on the loop; carries one request at a time.
+
+    `send()` hands the outcome (the Response, or the error) to a callback when the answer is
+    complete: a broadcast to thousands of exporters then needs no future, task or timer
+    object per call (see fanout.py). `request()` is the same as an awaitable.
+    """
+
+    __slots__ = ("transport", "closed", "fd", "_reader", "_settled")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.sock: Any = None
+        self.fd = -1
         self._reader: _Reader | None = None
-        self._waiter: asyncio.Future[Response] | None = None
+        self._settled: Settle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream connection's transport is a Transport; the Protocol API names the base class.
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
-        self.sock = sock
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            self.fd = sock.fileno()
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def usable(self) -> bool:
         """Still open and silent: the loop may not have run data_received for bytes that
-        arrived while idle, so the socket itself is asked (with a 0 timeout)."""
-        return not self.closed and (self.sock is None or not _readable(self.sock))
+        arrived while idle, so the socket itself is asked (with a 0 timeout). A TLS
+        connection's buffered bytes are the transport's, which reads them as they come."""
+        return not self.closed and (self.fd < 0 or not _fd_readable(self.fd))
 
-    def request(self, data: bytes, body_cap: BodyCap) -> asyncio.Future[Response]:
+    def alive(self) -> bool:
+        """Not closed: what the idle sweep asks. Bytes or an EOF on an idle connection reach
+        data_received/connection_lost, which close it, so no system call is needed."""
+        return not self.closed
+
+    def send(self, data: bytes, body_cap: BodyCap, settled: Settle) -> None:
+        """Send one request; `settled` gets the Response or the error, once."""
         self._reader = _Reader(body_cap)
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._settled = settled
         assert self.transport is not None
         self.transport.write(data)
-        return self._waiter
+
+    def request(self, data: bytes, body_cap: BodyCap) -> asyncio.Future[Response]:
+        waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+        def settled(outcome: Response | BaseException) -> None:
+            if waiter.done():
+                return
+            if isinstance(outcome, BaseException):
+                waiter.set_exception(outcome)
+            else:
+                waiter.set_result(outcome)
+
+        self.send(data, body_cap, settled)
+        return waiter
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -803,8 +846,8 @@ class _Connection(asyncio.Protocol):
         try:
             done = reader.feed(data)
         except HTTPError as exc:
-            self._settle(exc)
             self.close()
+            self._settle(exc)
             return
         if done:
             if not reader.keep_alive:
@@ -818,7 +861,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         reader = self._reader
-        if reader is None or self._waiter is None or self._waiter.done():
+        if reader is None or self._settled is None:
             return
         if exc is None:
             try:
@@ -833,13 +876,14 @@ class _Connection(asyncio.Protocol):
             self._settle(NetworkError(OSError(str(exc))))
 
     def _settle(self, outcome: Response | BaseException) -> None:
-        waiter, self._waiter, self._reader = self._waiter, None, None
-        if waiter is None or waiter.done():
-            return
-        if isinstance(outcome, BaseException):
-            waiter.set_exception(outcome)
-        else:
-            waiter.set_result(outcome)
+        settled, self._settled, self._reader = self._settled, None, None
+        if settled is not None:
+            settled(outcome)
+
+    def forget(self) -> None:
+        """Give up on the request under way: close, and never call its callback."""
+        self._settled = None
+        self.close()
 
     def close(self) -> None:
         self.closed = True
@@ -848,19 +892,21 @@ class _Connection(asyncio.Protocol):
 
 
 class AsyncClient:
-    """Keep-alive calls on one event loop; callers bound the time (asyncio.timeout)."""
+    """Keep-alive calls on one event loop; callers bound the time (a timer, or
+    asyncio.timeout). `get()` is the whole call; `take()`, `Connection.send()` and `put()`
+    are its steps without a coroutine, for a caller that makes thousands at once."""
 
     def __init__(self, resolver: Resolver, *, idle_seconds: float = IDLE_SECONDS,
                  per_origin: int = MAX_IDLE_PER_ORIGIN, total: int = MAX_IDLE_TOTAL) -> None:
         self._resolver = resolver
-        self.pool: Pool[_Connection] = Pool(
-            _Connection.close, _Connection.usable, idle_seconds=idle_seconds,
-            per_origin=per_origin, total=total)
+        self.pool: Pool[Connection] = Pool(
+            Connection.close, Connection.usable, alive=Connection.alive,
+            idle_seconds=idle_seconds, per_origin=per_origin, total=total)
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def get(self, origin: Origin, request: bytes, body_cap: BodyCap, *,
                   fresh: bool = False) -> Response:
-        conn = None if fresh else self._take(origin)
+        conn = None if fresh else self.take(origin)
         if conn is not None:
             try:
                 return await self._exchange(origin, conn, request, body_cap)
@@ -872,7 +918,7 @@ class AsyncClient:
         except _Stale as exc:
             raise NetworkError(exc.os_error) from None
 
-    async def _exchange(self, origin: Origin, conn: _Connection, request: bytes,
+    async def _exchange(self, origin: Origin, conn: Connection, request: bytes,
                         body_cap: BodyCap) -> Response:
         try:
             response = await conn.request(request, body_cap)
@@ -880,10 +926,10 @@ class AsyncClient:
             conn.close()
             raise
         if not conn.closed:
-            self._put(origin, conn)
+            self.put(origin, conn)
         return response
 
-    async def _connect(self, origin: Origin) -> _Connection:
+    async def _connect(self, origin: Origin) -> Connection:
         addresses = await self._resolver.resolve(origin.host, origin.port)
         loop = asyncio.get_running_loop()
         try:
@@ -894,7 +940,7 @@ class AsyncClient:
         for family, sockaddr in addresses:
             try:
                 _, conn = await loop.create_connection(
-                    _Connection, sockaddr[0], sockaddr[1], family=family, ssl=tls,
+                    Connection, sockaddr[0], sockaddr[1], family=family, ssl=tls,
                     server_hostname=origin.server_name if tls else None)
                 return conn
             except OSError as exc:  # ssl.SSLError is an OSError too
@@ -902,10 +948,12 @@ class AsyncClient:
         assert error is not None
         raise ConnectError(error)
 
-    def _take(self, origin: Origin) -> _Connection | None:
+    def take(self, origin: Origin) -> Connection | None:
+        """An idle kept-alive connection to `origin` to `send()` on, or None."""
         return self.pool.take(origin)
 
-    def _put(self, origin: Origin, conn: _Connection) -> None:
+    def put(self, origin: Origin, conn: Connection) -> None:
+        """Keep `conn` (its answer complete, the connection not closed) for the next call."""
         if self.pool.put(origin, conn) and self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(
                 self.pool.idle_seconds / 2, self._sweep)
