@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,13 +41,22 @@ class HealthStore:
     def record(self, hostname: str, valid: bool, error: str | None, when: float | None = None
                ) -> None:
         """Note the outcome of one call to an exporter (valid answer or the failure)."""
+        self.record_many(((hostname, valid, error),), when)
+
+    def record_many(self, outcomes: Iterable[tuple[str, bool, str | None]],
+                    when: float | None = None) -> None:
+        """`record` for each (hostname, valid, error): a broadcast's results in one go."""
         now = time.time() if when is None else when
+        up = Health("up", now, now, None)  # the same for every exporter that answered
         with self._lock:
-            previous = self._health.get(hostname, Health())
-            if valid:
-                self._health[hostname] = Health("up", now, now, None)
-            else:
-                self._health[hostname] = Health("down", now, previous.last_seen, error)
+            health = self._health
+            for hostname, valid, error in outcomes:
+                if valid:
+                    health[hostname] = up
+                else:
+                    previous = health.get(hostname)
+                    health[hostname] = Health("down", now,
+                                              previous.last_seen if previous else None, error)
 
     def retain(self, hostnames: Collection[str]) -> None:
         """Forget every exporter not in `hostnames` (those that left the fleet)."""

@@ -141,9 +141,7 @@ class Lookup:
         return sorted(candidates, key=lambda e: rank[self.health.get(e.hostname).status])
 
     def _observe(self, results: Sequence[Result]) -> None:
-        for result in results:
-            if result.observed:
-                self.health.record(result.hostname, result.valid, result.error)
+        self.health.record_many((r.hostname, r.valid, r.error) for r in results if r.observed)
         if self.observer is not None:
             self.observer.exporter_results(results)
 
