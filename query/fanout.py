@@ -87,6 +87,10 @@ STREAM_QUEUE_MAX = 64
 SLOW_READER_TIMEOUT = 10.0
 SLOW_READER_ERROR = "not streamed: the client read too slowly"
 _STREAM_POLL = 0.005
+# Exporters a streamed broadcast asks before it lets their calls go out and passes on the
+# answers already in: asking 1,000 exporters keeps the loop busy for tens of milliseconds,
+# longer than the fastest of them take to answer.
+_STREAM_BATCH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -845,14 +849,27 @@ class Fanout:
         """`_all`, handing each result to `stream` as it comes instead of all at the end.
 
         The loop never blocks on the reader: a full queue is retried every few milliseconds
-        for at most `stream.slow_reader_timeout`, then the reader is dropped.
+        for at most `stream.slow_reader_timeout`, then the reader is dropped. Answers already
+        in are passed on every `_STREAM_BATCH` exporters asked, not only once the last
+        exporter has been asked.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout
         arrivals = _Arrivals()
         asked: dict[int, _LoopFlight] = {}
+        ready = arrivals.ready
+
+        async def hand_ready() -> None:
+            while ready:
+                index, result = ready.popleft()
+                del asked[index]
+                await self._hand(stream, index, result)
+
         try:
             for index, exporter in enumerate(exporters):
+                if index and not index % _STREAM_BATCH:
+                    await asyncio.sleep(0)  # the calls just made go out, answers come in
+                    await hand_ready()
                 joined = self._join(exporter, call)
                 if isinstance(joined, Result):
                     await self._hand(stream, index, joined)
@@ -861,12 +878,8 @@ class Fanout:
                 else:
                     joined.waiters.append((arrivals, index))
                     asked[index] = joined
-            ready = arrivals.ready
             while asked:
-                while ready:
-                    index, result = ready.popleft()
-                    del asked[index]
-                    await self._hand(stream, index, result)
+                await hand_ready()
                 if not asked:
                     break
                 arrivals.wake.clear()
