@@ -428,7 +428,7 @@ class Fanout:
     """
 
     def __init__(self, *, exporter_timeout: float = 2.0, request_timeout: float = 5.0,
-                 max_in_flight: int = 256, max_waiting_per_exporter: int = 4,
+                 max_in_flight: int = 1024, max_waiting_per_exporter: int = 4,
                  circuit_cooldown: float = 5.0) -> None:
         self.exporter_timeout = exporter_timeout
         self.request_timeout = request_timeout

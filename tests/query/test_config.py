@@ -51,7 +51,7 @@ def test_defaults_of_a_minimal_file() -> None:
     config = parse({"auth": {"api_keys": [KEY]}})
     assert config.listen == "127.0.0.1:8080"
     assert (config.timeouts.exporter, config.timeouts.request) == (2.0, 5.0)
-    assert config.fanout.max_in_flight == 256
+    assert config.fanout.max_in_flight == 1024
     assert config.auth.enabled and config.exporters == ()
     assert config.auth.protect_metrics  # /metrics needs node:read unless said otherwise
 
