@@ -7,6 +7,7 @@
     timeouts: {exporter: 2.0, request: 5.0}        # seconds
     fanout: {max_in_flight: 1024, max_body_bytes: 1048576, max_list_body_bytes: 16777216,
              max_list_processes: 100000,            # per exporter's list answer
+             max_buffered_bytes: 268435456,         # answers being read at once, in all
              max_waiting_per_exporter: 4,           # default: a quarter of `threads`
              circuit_cooldown: 5.0}                 # seconds an exporter's circuit stays open
     exporter_token: "<token>"                       # the fleet-wide exporter bearer token
@@ -93,6 +94,8 @@ class FanoutLimits:
     max_list_body_bytes: int = 16 * 1024 * 1024
     # Decoding, not reading, is what a list answer costs in memory: bound it in processes.
     max_list_processes: int = 100_000
+    # Answer bytes the broadcast calls in flight may hold at once while reading them.
+    max_buffered_bytes: int = 256 * 1024 * 1024
     # Requests (each holding one of `threads`) that may wait on one exporter at a time.
     max_waiting_per_exporter: int = 4
     circuit_cooldown: float = 5.0
@@ -345,17 +348,23 @@ def _fanout(problems: Problems, raw: Any, threads: int = 16) -> FanoutLimits:
     defaults = FanoutLimits(max_waiting_per_exporter=max(1, threads // 4))
     problems.unknown_keys(data, {"max_in_flight", "max_body_bytes", "max_list_body_bytes",
                                  "max_list_processes", "max_waiting_per_exporter",
-                                 "circuit_cooldown"}, "fanout")
+                                 "max_buffered_bytes", "circuit_cooldown"}, "fanout")
     values: dict[str, Any] = {}
     for key, minimum in (("max_in_flight", 1), ("max_body_bytes", 1024),
                          ("max_list_body_bytes", 1024), ("max_list_processes", 1),
-                         ("max_waiting_per_exporter", 1)):
+                         ("max_waiting_per_exporter", 1), ("max_buffered_bytes", 1024)):
         default = getattr(defaults, key)
         value = problems.typed(data, key, int, default, "fanout")
         if value < minimum:
             problems.add(f"fanout.{key}", f"must be at least {minimum}, got {value}")
             value = default
         values[key] = value
+    largest = max(values["max_body_bytes"], values["max_list_body_bytes"])
+    if values["max_buffered_bytes"] < largest:
+        problems.add("fanout.max_buffered_bytes",
+                     f"must be at least the largest answer allowed (max_body_bytes, "
+                     f"max_list_body_bytes: {largest}), got {values['max_buffered_bytes']}")
+        values["max_buffered_bytes"] = max(defaults.max_buffered_bytes, largest)
     cooldown = problems.number(data, "circuit_cooldown", defaults.circuit_cooldown, "fanout")
     if cooldown > 3600:
         problems.add("fanout.circuit_cooldown", f"must be at most 3600, got {cooldown}")

@@ -70,6 +70,11 @@ _STATUS: Mapping[str, str] = {"ok": "ok", "maintenance": "skipped", "unsupported
 
 MAINTENANCE_ERROR = "exporter is in maintenance"
 UNSUPPORTED_ERROR = "process lookup is unsupported on the exporter's platform"
+# Answer bytes a broadcast's calls may hold at once while reading them (a 1 MiB lookup answer
+# from each of 256 exporters); the count of calls in flight does not bound memory by itself.
+MAX_BUFFERED_BYTES = 256 * 1024 * 1024
+OVER_BUDGET_ERROR = ("exporter answer not read: the answers being read at once would exceed "
+                     "fanout.max_buffered_bytes")
 NOT_FOUND_BODY_CAP = 64 * 1024  # an exporter's 404 error body is a few dozen bytes
 # The documented answers nest three levels ({"processes": [{...}]}); anything far deeper is
 # hostile, and json.loads would recurse once per level (RecursionError past ~1,000).
@@ -429,7 +434,8 @@ class Fanout:
 
     def __init__(self, *, exporter_timeout: float = 2.0, request_timeout: float = 5.0,
                  max_in_flight: int = 1024, max_waiting_per_exporter: int = 4,
-                 circuit_cooldown: float = 5.0) -> None:
+                 circuit_cooldown: float = 5.0,
+                 max_buffered_bytes: int = MAX_BUFFERED_BYTES) -> None:
         self.exporter_timeout = exporter_timeout
         self.request_timeout = request_timeout
         self.max_in_flight = max_in_flight
@@ -450,7 +456,8 @@ class Fanout:
         self._sync = httpclient.SyncClient(self._resolver, self._resolve_on_loop)
         # Unicasts run in request threads: they get their own bound, like the loop's.
         self._sync_slots = threading.BoundedSemaphore(max_in_flight)
-        self._client = httpclient.AsyncClient(self._resolver)
+        self._client = httpclient.AsyncClient(self._resolver,
+                                              max_buffered_bytes=max_buffered_bytes)
         # Loop calls holding a slot, and those waiting for one (FIFO): a counter and a deque
         # rather than an asyncio.Semaphore, whose release scans the waiters already woken
         # (quadratic when hundreds of answers arrive in one loop iteration).
@@ -470,7 +477,8 @@ class Fanout:
                    request_timeout=config.timeouts.request,
                    max_in_flight=config.fanout.max_in_flight,
                    max_waiting_per_exporter=config.fanout.max_waiting_per_exporter,
-                   circuit_cooldown=config.fanout.circuit_cooldown)
+                   circuit_cooldown=config.fanout.circuit_cooldown,
+                   max_buffered_bytes=config.fanout.max_buffered_bytes)
 
     def close(self) -> None:
         """Close the kept-alive connections and stop the loop thread; idempotent."""
@@ -704,7 +712,8 @@ class Fanout:
         conn = self._client.take(origin) if call.method == "GET" else None
         if conn is not None:
             flight.conn = conn
-            conn.send(request, call.body_cap, functools.partial(self._answered, flight))
+            conn.send(request, call.body_cap, functools.partial(self._answered, flight),
+                      self._client.budget)
         else:
             self._connecting(flight, request, fresh=call.method != "GET")
 
@@ -975,6 +984,8 @@ def classify(hostname: str, call: Call, outcome: httpclient.Response | Exception
         return Result(hostname, *_failure(outcome))
     status = outcome.status
     if status == 200:
+        if outcome.over_budget:
+            return Result(hostname, "bad_body", OVER_BUDGET_ERROR)
         if outcome.too_large:
             return Result(hostname, "bad_body",
                           f"exporter answer exceeds {call.max_body_bytes} bytes")

@@ -85,11 +85,26 @@ class BodyError(HTTPError):
 
 @dataclass(frozen=True, slots=True)
 class Response:
-    """An answer: its status and body (empty when not read); `too_large` past the cap."""
+    """An answer: its status and body (empty when not read); `too_large` past the cap, or
+    (`over_budget`) when reading it would have taken the answers being read past their
+    shared `ByteBudget`."""
 
     status: int
     body: bytes = b""
     too_large: bool = False
+    over_budget: bool = False
+
+
+class ByteBudget:
+    """Bytes of answer bodies being read at once by one event loop's calls (not locked:
+    one loop thread uses it). The count of calls in flight bounds sockets; this bounds the
+    memory their answers hold until each is complete."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,10 +208,13 @@ class _Reader:
     """
 
     __slots__ = ("body_cap", "status", "started", "keep_alive", "response", "_buffer",
-                 "_scanned", "_interim", "_mode", "_length", "_cap", "_body", "_chunk_left")
+                 "_scanned", "_interim", "_mode", "_length", "_cap", "_body", "_chunk_left",
+                 "_budget", "_counted")
 
-    def __init__(self, body_cap: BodyCap) -> None:
+    def __init__(self, body_cap: BodyCap, budget: ByteBudget | None = None) -> None:
         self.body_cap = body_cap
+        self._budget = budget
+        self._counted = 0  # bytes of `_body` taken from the budget
         self.status = 0
         self.started = False  # any byte of an answer has arrived
         self.keep_alive = False
@@ -398,15 +416,30 @@ class _Reader:
     def _append(self, data: bytes | bytearray) -> None:
         if self.response is not None:
             return
+        budget = self._budget
+        if budget is not None:
+            if budget.used + len(data) > budget.limit:
+                self._finish(keep_alive=False, too_large=True, over_budget=True)
+                return
+            budget.used += len(data)
+            self._counted += len(data)
         self._body += data
         if len(self._body) > self._cap:
             self._finish(keep_alive=False, too_large=True)
 
-    def _finish(self, keep_alive: bool, too_large: bool = False) -> None:
+    def _finish(self, keep_alive: bool, too_large: bool = False,
+                over_budget: bool = False) -> None:
         self.keep_alive = keep_alive
         body = b"" if too_large else bytes(self._body)
         self._body = bytearray()
-        self.response = Response(self.status, body, too_large)
+        self.release()
+        self.response = Response(self.status, body, too_large, over_budget)
+
+    def release(self) -> None:
+        """Give the body's bytes back to the budget (the answer is done, or abandoned)."""
+        if self._counted and self._budget is not None:
+            self._budget.used -= self._counted
+        self._counted = 0
 
 
 # -- the pool -------------------------------------------------------------------------------
@@ -817,14 +850,16 @@ class Connection(asyncio.Protocol):
         data_received/connection_lost, which close it, so no system call is needed."""
         return not self.closed
 
-    def send(self, data: bytes, body_cap: BodyCap, settled: Settle) -> None:
+    def send(self, data: bytes, body_cap: BodyCap, settled: Settle,
+             budget: ByteBudget | None = None) -> None:
         """Send one request; `settled` gets the Response or the error, once."""
-        self._reader = _Reader(body_cap)
+        self._reader = _Reader(body_cap, budget)
         self._settled = settled
         assert self.transport is not None
         self.transport.write(data)
 
-    def request(self, data: bytes, body_cap: BodyCap) -> asyncio.Future[Response]:
+    def request(self, data: bytes, body_cap: BodyCap, budget: ByteBudget | None = None
+                ) -> asyncio.Future[Response]:
         waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
 
         def settled(outcome: Response | BaseException) -> None:
@@ -835,7 +870,7 @@ class Connection(asyncio.Protocol):
             else:
                 waiter.set_result(outcome)
 
-        self.send(data, body_cap, settled)
+        self.send(data, body_cap, settled, budget)
         return waiter
 
     def data_received(self, data: bytes) -> None:
@@ -876,13 +911,17 @@ class Connection(asyncio.Protocol):
             self._settle(NetworkError(OSError(str(exc))))
 
     def _settle(self, outcome: Response | BaseException) -> None:
-        settled, self._settled, self._reader = self._settled, None, None
+        settled, self._settled, reader, self._reader = self._settled, None, self._reader, None
+        if reader is not None:
+            reader.release()
         if settled is not None:
             settled(outcome)
 
     def forget(self) -> None:
         """Give up on the request under way: close, and never call its callback."""
         self._settled = None
+        if self._reader is not None:
+            self._reader.release()
         self.close()
 
     def close(self) -> None:
@@ -897,8 +936,10 @@ class AsyncClient:
     are its steps without a coroutine, for a caller that makes thousands at once."""
 
     def __init__(self, resolver: Resolver, *, idle_seconds: float = IDLE_SECONDS,
-                 per_origin: int = MAX_IDLE_PER_ORIGIN, total: int = MAX_IDLE_TOTAL) -> None:
+                 per_origin: int = MAX_IDLE_PER_ORIGIN, total: int = MAX_IDLE_TOTAL,
+                 max_buffered_bytes: int | None = None) -> None:
         self._resolver = resolver
+        self.budget = ByteBudget(max_buffered_bytes) if max_buffered_bytes else None
         self.pool: Pool[Connection] = Pool(
             Connection.close, Connection.usable, alive=Connection.alive,
             idle_seconds=idle_seconds, per_origin=per_origin, total=total)
@@ -921,7 +962,7 @@ class AsyncClient:
     async def _exchange(self, origin: Origin, conn: Connection, request: bytes,
                         body_cap: BodyCap) -> Response:
         try:
-            response = await conn.request(request, body_cap)
+            response = await conn.request(request, body_cap, self.budget)
         except BaseException:  # an error, or cancelled (a timeout): the state is unknown
             conn.close()
             raise

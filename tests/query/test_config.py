@@ -118,6 +118,9 @@ def test_built_in_default_is_this_host_on_loopback() -> None:
     ({"auth": {"api_keys": [KEY]}, "timeouts": {"connect": 1}}, "timeouts.connect: unknown key"),
     ({"auth": {"api_keys": [KEY]}, "fanout": {"max_in_flight": 0}},
      "fanout.max_in_flight: must be at least 1"),
+    ({"auth": {"api_keys": [KEY]}, "fanout": {"max_buffered_bytes": 1048576}},
+     "fanout.max_buffered_bytes: must be at least the largest answer allowed "
+     "(max_body_bytes, max_list_body_bytes: 16777216), got 1048576"),
     ({}, "auth.api_keys: must list at least one key when auth.enabled is true"),
     ({"auth": {"enabled": "no"}}, "auth.enabled: must be a boolean, got str"),
     ({"auth": {"api_keys": [KEY], "protect_metrics": "no"}},

@@ -1,0 +1,69 @@
+"""The answers a broadcast's calls are reading at once share one byte budget
+(`fanout.max_buffered_bytes`): the count of calls in flight bounds sockets, not memory. An
+answer that would take the budget past its limit is its exporter's `bad_body` result, and
+the others are read whole."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+from query_testing import serve_aiohttp
+
+from query.fanout import OVER_BUDGET_ERROR, Fanout, process_call
+from query.fleet import Exporter
+
+PID = 4242
+FIRST = 24_000  # sent at once; three of these pass the budget, two do not
+BUDGET = 65_536
+
+
+def _answer(size: int) -> bytes:
+    body = {"pid": PID, "name": "fat", "command": ""}
+    padding = size - len(json.dumps(body).encode())
+    body["command"] = "x" * padding
+    data = json.dumps(body).encode()
+    assert len(data) == size
+    return data
+
+
+async def _slow_fat_answer(request: web.Request) -> web.StreamResponse:
+    """28,000 bytes: 24,000 at once, the rest 0.5 s later, so that every exporter holds
+    its first part while the others arrive."""
+    data = _answer(FIRST + 4_000)
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(data)
+    await response.prepare(request)
+    await response.write(data[:FIRST])
+    await asyncio.sleep(0.5)
+    await response.write(data[FIRST:])
+    await response.write_eof()
+    return response
+
+
+def test_answers_past_the_shared_budget_fail_alone_and_the_budget_is_given_back() -> None:
+    with serve_aiohttp({f"/process/{PID}": _slow_fat_answer}) as url:
+        exporters = [Exporter(f"fat-{i}", url) for i in range(3)]
+        call = process_call(PID, max_body_bytes=BUDGET)
+        with Fanout(exporter_timeout=10, request_timeout=20,
+                    max_buffered_bytes=BUDGET) as fanout:
+            results = fanout.all(exporters, call)
+            kinds = sorted(r.kind for r in results)
+            assert kinds == ["bad_body", "ok", "ok"], [(r.kind, r.error) for r in results]
+            assert [r.error for r in results if r.kind == "bad_body"] == [OVER_BUDGET_ERROR]
+            assert all(len(r.data["command"]) > FIRST for r in results if r.kind == "ok")
+            # Every byte taken was given back: the next broadcast of two fits whole.
+            assert fanout._client.budget is not None and fanout._client.budget.used == 0
+            again = fanout.all(exporters[:2], call)
+            assert [r.kind for r in again] == ["ok", "ok"], [r.error for r in again]
+
+
+def test_a_call_timed_out_mid_answer_gives_its_bytes_back() -> None:
+    with serve_aiohttp({f"/process/{PID}": _slow_fat_answer}) as url:
+        exporters = [Exporter(f"fat-{i}", url) for i in range(2)]
+        with Fanout(exporter_timeout=0.2, request_timeout=5,
+                    max_buffered_bytes=BUDGET) as fanout:
+            results = fanout.all(exporters, process_call(PID, max_body_bytes=BUDGET))
+            assert [r.kind for r in results] == ["timeout", "timeout"]
+            assert fanout._client.budget is not None and fanout._client.budget.used == 0
