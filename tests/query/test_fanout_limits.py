@@ -1,12 +1,14 @@
-"""The answers a broadcast's calls are reading at once share one byte budget
-(`fanout.max_buffered_bytes`): the count of calls in flight bounds sockets, not memory. An
-answer that would take the budget past its limit is its exporter's `bad_body` result, and
-the others are read whole."""
+"""The loop's two bounds on what broadcasts hold at once: calls in flight
+(`fanout.max_in_flight`; the rest wait their turn, first come first served), and the answer
+bytes those calls are reading (`fanout.max_buffered_bytes`: the count bounds sockets, not
+memory). An answer that would take the budget past its limit is its exporter's `bad_body`
+result, and the others are read whole."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 from aiohttp import web
 from query_testing import serve_aiohttp
@@ -67,3 +69,25 @@ def test_a_call_timed_out_mid_answer_gives_its_bytes_back() -> None:
             results = fanout.all(exporters, process_call(PID, max_body_bytes=BUDGET))
             assert [r.kind for r in results] == ["timeout", "timeout"]
             assert fanout._client.budget is not None and fanout._client.budget.used == 0
+
+
+def test_calls_past_the_in_flight_bound_wait_their_turn() -> None:
+    lock = threading.Lock()
+    now = [0]
+    peak = [0]
+
+    async def counted(request: web.Request) -> web.Response:
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        await asyncio.sleep(0.05)
+        with lock:
+            now[0] -= 1
+        return web.json_response({"pid": PID, "name": "sleepy"})
+
+    with serve_aiohttp({f"/process/{PID}": counted}) as url:
+        exporters = [Exporter(f"host-{i:02d}", url) for i in range(12)]
+        with Fanout(exporter_timeout=10, request_timeout=20, max_in_flight=3) as fanout:
+            results = fanout.all(exporters, process_call(PID))
+    assert [r.kind for r in results] == ["ok"] * 12, [r.error for r in results]
+    assert peak[0] == 3, peak[0]
