@@ -55,6 +55,7 @@ from procfleet.params import (
     check_tree,
     check_unit,
 )
+from procfleet.streaming import NDJSON, TARGETED_HEADER
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TIMEOUT = 10.0
@@ -347,17 +348,18 @@ def is_broadcast(target: str) -> bool:
     return target == "_all" or ":" in target
 
 
-NDJSON = "application/x-ndjson"
 LINE_MAX_BYTES = 64 * 1024 * 1024  # one host's list: the service caps it at 16 MiB of JSON
 
 
 def call_service(base_url: str, path: str, *, key: str | None, timeout: float,
                  body: bytes | None = None,
-                 on_line: Callable[[Mapping[str, Any]], None] | None = None) -> Reply:
+                 on_line: Callable[[Mapping[str, Any]], None] | None = None,
+                 on_start: Callable[[int | None], None] | None = None) -> Reply:
     """GET `path` (POST `body`, JSON) from the query service; no answer is a CliError(3).
 
     With `on_line`, NDJSON is asked for: each result line of a streamed answer is handed to
     it as it arrives, and the Reply's data is `{"job_id", "results", "summary"}` at the end.
+    `on_start` is told, when a stream starts, how many exporters it targets (if said).
     """
     url = base_url.rstrip("/") + path
     accept = f"{NDJSON}, application/json;q=0.9" if on_line else "application/json"
@@ -372,6 +374,8 @@ def call_service(base_url: str, path: str, *, key: str | None, timeout: float,
         with urllib.request.urlopen(request, timeout=timeout) as response:
             if on_line is not None and response.status == 200 and \
                     response.headers.get_content_type() == NDJSON:
+                if on_start is not None:
+                    on_start(_targeted(response.headers.get(TARGETED_HEADER)))
                 return _read_stream(response, on_line)
             status, body = response.status, response.read()
     except urllib.error.HTTPError as exc:
@@ -396,6 +400,13 @@ def call_service(base_url: str, path: str, *, key: str | None, timeout: float,
     except ValueError:
         data = None
     return Reply(status, body, data)
+
+
+def _targeted(value: str | None) -> int | None:
+    """The stream head's count of targeted exporters; None when absent or not a count."""
+    if value is None or not value.isdigit() or len(value) > 9:
+        return None
+    return int(value)
 
 
 def _read_stream(response: Any, on_line: Callable[[Mapping[str, Any]], None]) -> Reply:
@@ -449,7 +460,7 @@ def summary_line(results: Sequence[Mapping[str, Any]], field: str) -> str:
 
 class Progress:
     """What a streamed answer shows while it arrives: on a terminal one progress line,
-    rewritten in place (`37 hosts, 2 failed`); piped, each host's rows as they come."""
+    rewritten in place (`37/1000 hosts, 2 failed`); piped, each host's rows as they come."""
 
     def __init__(self, out: TextIO, field: str, width: int | None) -> None:
         self.out = out
@@ -457,15 +468,20 @@ class Progress:
         self.width = width
         self.tty = out.isatty()
         self.hosts = 0
+        self.total: int | None = None  # targeted, when the service says
         self.failed = 0
         self.header = False
+
+    def start(self, total: int | None) -> None:
+        self.total = total
 
     def __call__(self, result: Mapping[str, Any]) -> None:
         self.hosts += 1
         if result.get("status") == "failed" and result.get("error") != "process not found":
             self.failed += 1
         if self.tty:
-            self.out.write(f"\r{self.hosts} hosts, {self.failed} failed\x1b[K")
+            hosts = f"{self.hosts}/{self.total}" if self.total else str(self.hosts)
+            self.out.write(f"\r{hosts} hosts, {self.failed} failed\x1b[K")
             self.out.flush()
             return
         rows = rows_of([result], self.field)
@@ -753,7 +769,7 @@ def run(argv: Sequence[str], *, out: TextIO, environ: Mapping[str, str]) -> int:
         progress = Progress(out, field, width)
     try:
         reply = call_service(base_url, request_path(args), key=key, timeout=timeout,
-                             on_line=progress)
+                             on_line=progress, on_start=progress.start if progress else None)
     finally:
         if progress is not None:
             progress.done()

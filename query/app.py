@@ -20,7 +20,6 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from importlib import resources
 from typing import Any
@@ -36,6 +35,7 @@ from procfleet.params import (
     check_scope,
     single_values,
 )
+from procfleet.streaming import NDJSON, TARGETED_HEADER
 from procfleet.timefmt import rfc3339
 from procfleet.web import (
     PARAM_ERROR,
@@ -61,13 +61,13 @@ from query.auth import (
 from query.config import Config
 from query.discovery import Discovery
 from query.failurelog import ExporterFailureLog, ResultObservers
-from query.fanout import Fanout, Result
-from query.lookup import Answer, Lookup
+from query.fanout import Fanout
+from query.lookup import Answer, Lookup, Streamed
 from query.metrics import Metrics
 from query.rank import rank
 from query.sd import ServiceDiscoveryResource
 from query.signal import SignalAudit, SignalResource, SignalService
-from query.stream import NDJSON, ndjson_lines, wants_ndjson
+from query.stream import ndjson_lines, wants_ndjson
 from query.targets import Target, TargetError, parse_target, resolve
 
 log = logging.getLogger(__name__)
@@ -244,18 +244,20 @@ def _respond(req: falcon.Request, resp: falcon.Response, answer: Answer, field: 
 
 
 def _stream_or_respond(req: falcon.Request, resp: falcon.Response,
-                       answer: Answer | Iterator[Result], field: str) -> None:
+                       answer: Answer | Streamed, field: str) -> None:
     """A decided answer as JSON; results still coming as NDJSON lines (query/stream.py).
 
     Everything that decides the status (auth, parameters, the target) ran before: once the
-    stream starts it is a 200 that ends with its summary line.
+    stream starts it is a 200 that ends with its summary line. Its head says how many
+    exporters it targets (TARGETED_HEADER), so a client can show progress out of a total.
     """
     if isinstance(answer, Answer):
         _respond(req, resp, answer, field)
         return
-    req.context.summary = {"streamed": True}
+    req.context.summary = {"streamed": True, "exporters": answer.targeted}
     resp.content_type = NDJSON
-    resp.stream = ndjson_lines(answer, field, req.context.job_id, req.context.started)
+    resp.set_header(TARGETED_HEADER, str(answer.targeted))
+    resp.stream = ndjson_lines(answer.results, field, req.context.job_id, req.context.started)
 
 
 class ProcessResource:

@@ -41,6 +41,15 @@ class Answer:
     details: str | None = None
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """A broadcast whose results stream in: how many exporters it targets, and the results
+    as they arrive (one per targeted exporter)."""
+
+    targeted: int
+    results: Iterator[Result]
+
+
 class ResultObserver(Protocol):
     """Told about every exporter result (metrics count failures by kind)."""
 
@@ -73,19 +82,19 @@ class Lookup:
         return self._run(target, call, "the process list")
 
     def stream_process(self, target: Target, pid: int,
-                       params: Mapping[str, str] | None = None) -> Answer | Iterator[Result]:
+                       params: Mapping[str, str] | None = None) -> Answer | Streamed:
         """`process`, for a broadcast target, as results that stream in (see `_stream`)."""
         return self._stream(target, process_call(pid, self.limits.max_body_bytes, params),
                             f"pid {pid}")
 
     def stream_processes(self, target: Target, filters: Mapping[str, str]
-                         ) -> Answer | Iterator[Result]:
+                         ) -> Answer | Streamed:
         """`processes`, for a broadcast target, as results that stream in."""
         call = list_call(filters, self.limits.max_list_body_bytes,
                          self.limits.max_list_processes)
         return self._stream(target, call, "the process list")
 
-    def _stream(self, target: Target, call: Call, what: str) -> Answer | Iterator[Result]:
+    def _stream(self, target: Target, call: Call, what: str) -> Answer | Streamed:
         """An Answer when the status is not a streamed 200 (no exporter matches: 404; a
         unicast target: its ordinary answer), else each exporter's result as it comes."""
         exporters = self._targeted(target)
@@ -93,7 +102,7 @@ class Lookup:
             return self._no_target(target)
         if target.unicast:
             return self._run(target, call, what)
-        return self._observed(self.fanout.stream(exporters, call))
+        return Streamed(len(exporters), self._observed(self.fanout.stream(exporters, call)))
 
     def _observed(self, stream: ResultStream) -> Iterator[Result]:
         try:

@@ -19,9 +19,8 @@ from collections.abc import Iterable, Iterator
 
 import falcon
 
+from procfleet.streaming import NDJSON
 from query.fanout import Result
-
-NDJSON = "application/x-ndjson"
 
 
 def wants_ndjson(req: falcon.Request) -> bool:

@@ -36,6 +36,7 @@ def loaded_by(module: str) -> set[str]:
     "exporter.details", "exporter.masking", "exporter.groups", "query.config",
     "query.breaker", "query.httpclient", "query.targets", "query.health", "query.fleet",
     "procfleet.timefmt", "procfleet.params", "procfleet.process", "procfleet.signals",
+    "procfleet.streaming",
 ])
 def test_lower_layers_load_no_web_framework(module: str) -> None:
     assert loaded_by(module) == set()

@@ -11,6 +11,7 @@ import asyncio
 import http.client
 import io
 import json
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -115,6 +116,8 @@ def test_broadcast_streams_each_result_as_it_comes_then_the_summary(fleet, gate,
     try:
         assert response.status == 200
         assert response.getheader("Content-Type") == NDJSON
+        # Said before the first line: the result lines to come (group:web and _all: 4).
+        assert response.getheader("X-Procfleet-Targeted") == "4"
         lines = []
         # Three results need no gate (fast, resting, refused): they come before the gated one.
         for _ in range(3):
@@ -281,7 +284,8 @@ def test_cli_get_on_a_terminal_shows_progress_then_the_table(fleet, gate):
                      out=terminal, environ={})
     assert status == cli.EXIT_OK
     text = terminal.getvalue()
-    assert "\r4 hosts, 1 failed\x1b[K" in text  # the last progress line, then cleared
+    assert re.search(r"\r1/4 hosts, [01] failed\x1b\[K", text)  # of the total its head says
+    assert "\r4/4 hosts, 1 failed\x1b[K" in text  # the last progress line, then cleared
     table = text.rpartition("\r\x1b[K")[2].splitlines()
     assert table[0].startswith("HOST")
     assert sorted(line.split()[0] for line in table[1:3]) == ["fast", "gated"]
