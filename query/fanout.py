@@ -159,9 +159,10 @@ class Call:
             return NOT_FOUND_BODY_CAP
         return None
 
-    @property
+    @functools.cached_property
     def target(self) -> str:
-        """The request target: the path and the query string."""
+        """The request target: the path and the query string (made once: a broadcast asks
+        for it twice per exporter)."""
         return f"{self.path}?{urlencode(self.params)}" if self.params else self.path
 
 
@@ -275,13 +276,13 @@ class _LoopFlight:
     """One call in flight on the loop, and how many broadcasts wait on it (each entered the
     exporter's bulkhead once, and leaves it when the call ends or its deadline passes).
 
-    Driven by callbacks, not a task: the answer's callback, or the timer of the exporter
-    timeout, settles it and tells its waiters. A task exists only while a connection is
-    being made (`_connecting`); every other step is a plain call on the loop.
+    Driven by callbacks, not a task: the answer's callback, or the exporter timeout (see
+    `Fanout._expire_due`), settles it and tells its waiters. A task exists only while a
+    connection is being made (`_connecting`); every other step is a plain call on the loop.
     """
 
     __slots__ = ("exporter", "call", "key", "sharers", "result", "waiters", "started",
-                 "began", "origin", "timer", "conn", "task")
+                 "began", "origin", "deadline", "conn", "task")
 
     def __init__(self, exporter: Exporter, call: Call, key: FlightKey) -> None:
         self.exporter = exporter
@@ -293,7 +294,7 @@ class _LoopFlight:
         self.started = False  # told to the breaker (start_call): finish_call is owed
         self.began = False  # holds one of the in-flight slots
         self.origin: httpclient.Origin | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline: list[Any] | None = None  # its [when, flight] in Fanout._deadlines
         self.conn: httpclient.Connection | None = None  # the kept-alive one it went out on
         self.task: asyncio.Task[httpclient.Response] | None = None
 
@@ -464,6 +465,10 @@ class Fanout:
         self._active = 0
         self._queued: deque[_LoopFlight] = deque()
         self._draining = False
+        # [when, flight] of the calls begun, in order of `when`; flight None once settled.
+        # At most the calls begun within one exporter timeout.
+        self._deadlines: deque[list[Any]] = deque()
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self.guards = Guards(max_waiting=max_waiting_per_exporter, cooldown=circuit_cooldown)
         # Calls in flight, by what they ask: from request threads, and on the loop. Each
         # holds only calls under way, so they are bounded by the threads and `_slots`.
@@ -495,6 +500,9 @@ class Fanout:
 
     async def _close_client(self) -> None:
         self._queued.clear()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         for flight in list(self._loop_flights.values()):
             self._complete(flight, self._deadline_result(flight.exporter), "inconclusive")
         self._client.close()
@@ -697,7 +705,7 @@ class Fanout:
     def _begin(self, flight: _LoopFlight) -> None:
         """Take a slot and send the call: on a kept-alive connection with a callback, else
         (a new connection is needed, or an action) in a task; the exporter timeout runs from
-        here, as a timer."""
+        here (`_expire_due`)."""
         self._active += 1
         flight.began = True
         exporter, call = flight.exporter, flight.call
@@ -708,7 +716,7 @@ class Fanout:
             return
         loop = self._loop
         flight.origin = origin
-        flight.timer = loop.call_at(loop.time() + self.exporter_timeout, self._expire, flight)
+        self._watch(flight, loop.time() + self.exporter_timeout)
         conn = self._client.take(origin) if call.method == "GET" else None
         if conn is not None:
             flight.conn = conn
@@ -753,10 +761,28 @@ class Fanout:
         exc = task.exception()
         self._finish(flight, task.result() if exc is None else exc)
 
-    def _expire(self, flight: _LoopFlight) -> None:
-        """The exporter timeout passed: drop the call's connection (or connecting task)."""
-        flight.timer = None
-        self._finish(flight, TimeoutError())
+    def _watch(self, flight: _LoopFlight, when: float) -> None:
+        """Time `flight` out at `when`. Every call gets the same exporter timeout from when
+        it begins, so the deadlines come in order: a queue and one timer for its head,
+        rather than a timer per call."""
+        flight.deadline = [when, flight]
+        self._deadlines.append(flight.deadline)
+        if self._deadline_timer is None:
+            self._deadline_timer = self._loop.call_at(when, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """Time out the calls whose deadline passed; wake again at the next one's."""
+        self._deadline_timer = None
+        deadlines = self._deadlines
+        now = self._loop.time()
+        while deadlines:
+            when, flight = deadlines[0]
+            if flight is not None and when > now:
+                self._deadline_timer = self._loop.call_at(when, self._expire_due)
+                return
+            deadlines.popleft()
+            if flight is not None:
+                self._finish(flight, TimeoutError())
 
     def _finish(self, flight: _LoopFlight, outcome: httpclient.Response | BaseException
                 ) -> None:
@@ -776,9 +802,9 @@ class Fanout:
             return
         flight.result = result
         name = flight.exporter.hostname
-        if flight.timer is not None:
-            flight.timer.cancel()
-            flight.timer = None
+        if flight.deadline is not None:
+            flight.deadline[1] = None  # the queue keeps [when, None] until `when`
+            flight.deadline = None
         if flight.conn is not None:
             flight.conn.forget()
             flight.conn = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 from aiohttp import web
 from query_testing import serve_aiohttp
@@ -91,3 +92,33 @@ def test_calls_past_the_in_flight_bound_wait_their_turn() -> None:
             results = fanout.all(exporters, process_call(PID))
     assert [r.kind for r in results] == ["ok"] * 12, [r.error for r in results]
     assert peak[0] == 3, peak[0]
+
+
+def test_timeouts_come_in_order_and_settled_calls_leave_the_deadline_queue() -> None:
+    """One queue of deadlines (the calls in the order they began) and one timer for its
+    head time calls out: hung exporters time out while the answered ones stay answered, and
+    the answered calls' entries leave the queue when the timer next fires (so it holds at
+    most the calls begun within one exporter timeout)."""
+
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(3)
+        return web.json_response({"pid": PID})
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"pid": PID, "name": "quick"})
+
+    with serve_aiohttp({f"/process/{PID}": answer}) as quick, \
+            serve_aiohttp({f"/process/{PID}": hang}) as hung:
+        with Fanout(exporter_timeout=0.3, request_timeout=5) as fanout:
+            answered = [Exporter(f"quick-{i:02d}", quick) for i in range(12)]
+            assert [r.kind for r in fanout.all(answered, process_call(PID))] == ["ok"] * 12
+            assert len(fanout._deadlines) == 12  # settled, waiting for the timer
+            time.sleep(0.5)
+            assert len(fanout._deadlines) == 0
+            mixed = [Exporter(f"host-{i:02d}", hung if i % 3 == 0 else quick)
+                     for i in range(12)]
+            results = fanout.all(mixed, process_call(PID))
+            assert [r.kind for r in results] == [
+                "timeout" if i % 3 == 0 else "ok" for i in range(12)]
+            assert {r.error for r in results if r.kind == "timeout"} == {"timeout after 0.3 s"}
+            assert len(fanout._deadlines) == 0
