@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from procfleet.waitress_adapter import WaitressServer
+from procfleet.waitress_adapter import WaitressServer, pause_reading
+
+__all__ = ["connection_limit", "pause_reading", "raise_file_limit", "serve"]
 from procfleet.webconfig import WebConfig
 
 # Connections held at once (waitress's connection_limit counts the listening socket and its

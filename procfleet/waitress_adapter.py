@@ -13,6 +13,13 @@ more, and all of it lives here:
   (`JsonErrorTask`), per channel instead of patching `waitress.utilities.Error` process-wide;
 * the event loop run one poll() at a time, with a drain on shutdown (listening sockets closed,
   answers in flight finished, workers stopped);
+* fair queueing (`FairQueue`, the workers' queue): connections waiting for a worker are served
+  round-robin by what their request asks for, not first come first served, so a flood of
+  requests for one target (64 clients asking a hung exporter) cannot keep `/healthz` and the
+  other targets waiting behind it;
+* a pause on reading (`pause_reading`): the app may ask, while it answers, that the
+  connection's next request be read only after a short while, so a client that loops on
+  answers costing next to nothing (a circuit open) cannot take the whole CPU;
 * TLS (`TLSChannel`): each accepted socket is wrapped in the server's SSLContext without a
   handshake; the handshake then runs step by step on the loop's read and write events (a
   non-blocking SSLSocket says SSLWantReadError / SSLWantWriteError where a plain one would
@@ -34,7 +41,9 @@ import inspect
 import json
 import logging
 import ssl
+import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +80,10 @@ INTERNALS: tuple[tuple[Any, str, tuple[str, ...] | None], ...] = (
     (MultiSocketServer, "__init__",
      ("self", "map", "adj", "effective_listen", "dispatcher", "log_info")),
     (ThreadedTaskDispatcher, "shutdown", ("self", "cancel_pending", "timeout")),
+    (ThreadedTaskDispatcher, "__init__", ("self",)),
+    (ThreadedTaskDispatcher, "handler_thread", ("self", "thread_no")),
+    (ThreadedTaskDispatcher, "add_task", ("self", "task")),
+    (ThreadedTaskDispatcher, "set_thread_count", ("self", "count")),
     (HTTPChannel, "__init__", ("self", "server", "sock", "addr", "adj", "map")),
     (HTTPChannel, "received", ("self", "data")),
     (HTTPChannel, "parser_class", None),
@@ -80,6 +93,7 @@ INTERNALS: tuple[tuple[Any, str, tuple[str, ...] | None], ...] = (
     (HTTPChannel, "handle_read", ("self",)),
     (HTTPChannel, "handle_write", ("self",)),
     (HTTPChannel, "readable", ("self",)),
+    (HTTPChannel, "service", ("self",)),
     (HTTPChannel, "writable", ("self",)),
     (HTTPChannel, "handle_close", ("self",)),
     (HTTPChannel, "last_activity", None),
@@ -181,16 +195,32 @@ class JsonErrorTask(ErrorTask):
         self.write(body)
 
 
+# The channel a worker thread is serving (set around HTTPChannel.service), for pause_reading.
+_serving = threading.local()
+# How long the loop sleeps at most while a connection's reading is paused (pause_reading).
+PAUSE_TICK = 0.05
+
+
+def pause_reading(seconds: float) -> None:
+    """Called by the app while it answers a request: read the connection's next request no
+    sooner than `seconds` from now (at most PAUSE_TICK later). Outside a waitress worker, or
+    on another server, it does nothing."""
+    channel = getattr(_serving, "channel", None)
+    if channel is not None:
+        channel.paused_until = time.monotonic() + seconds
+
+
 class Channel(HTTPChannel):
     """One client connection, with the clock of the request deadline.
 
     `waiting_since` is the monotonic time since which the connection owes a complete request:
     set when it is accepted and at its first byte after an answer, cleared when a request
     (head and any body) has fully arrived. None means idle between requests, which waitress's
-    own channel_timeout bounds.
+    own channel_timeout bounds. `paused_until`: not read before then (`pause_reading`).
     """
 
     error_task_class = JsonErrorTask
+    paused_until = 0.0
 
     def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
         self.waiting_since: float | None = time.monotonic()
@@ -209,6 +239,20 @@ class Channel(HTTPChannel):
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
         return bool(super().received(data))
+
+    def readable(self) -> bool:
+        if self.paused_until:
+            if time.monotonic() < self.paused_until:
+                return False
+            self.paused_until = 0.0
+        return bool(super().readable())
+
+    def service(self) -> None:
+        _serving.channel = self
+        try:
+            super().service()
+        finally:
+            _serving.channel = None
 
 
 class TLSChannel(Channel):
@@ -350,6 +394,59 @@ def _accept_burst(listener: BaseWSGIServer) -> None:
             return  # nothing more waiting (or a failed accept, logged), or the limit
 
 
+class FairQueue:
+    """The channels waiting for a worker, served round-robin by flow: the first two segments
+    of the path of the request each one waits to have served (`/node/web-01`, `/healthz`).
+
+    Stands in for ThreadedTaskDispatcher's deque (append, popleft, len), under its lock. A
+    channel has at most one request queued at a time, so the queue is bounded by the
+    connection limit, and so is the number of flows.
+    """
+
+    def __init__(self) -> None:
+        self._flows: OrderedDict[str, deque[Any]] = OrderedDict()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, channel: Any) -> None:
+        flow = _flow(channel)
+        waiting = self._flows.get(flow)
+        if waiting is None:
+            waiting = self._flows[flow] = deque()
+        waiting.append(channel)
+        self._count += 1
+
+    def popleft(self) -> Any:
+        flow, waiting = next(iter(self._flows.items()))
+        channel = waiting.popleft()
+        if waiting:
+            self._flows.move_to_end(flow)  # its next channel waits for the other flows' turn
+        else:
+            del self._flows[flow]
+        self._count -= 1
+        return channel
+
+
+def _flow(channel: Any) -> str:
+    # `requests` is set per channel in HTTPChannel.__init__ (not a class attribute that
+    # INTERNALS could check): without it every channel is one flow, first come first served.
+    requests = getattr(channel, "requests", None)
+    if not requests:
+        return ""
+    path = getattr(requests[0], "path", None) or ""
+    return "/".join(path.split("/", 3)[:3])
+
+
+class FairDispatcher(ThreadedTaskDispatcher):
+    """waitress's worker threads, taking channels from a `FairQueue`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue = FairQueue()  # type: ignore[assignment]  # its deque's methods, duck-typed
+
+
 class WaitressServer:
     """A waitress server driven one poll() at a time by procfleet.serve."""
 
@@ -362,7 +459,10 @@ class WaitressServer:
         # poll() instead of select(): select() fails on fd numbers past 1023, which a service
         # with a raised open-files limit reaches under load.
         settings["asyncore_use_poll"] = True
-        self._server = waitress.server.create_server(app, host=host, port=port, **settings)
+        dispatcher = FairDispatcher()
+        dispatcher.set_thread_count(int(settings.get("threads", 4)))
+        self._server = waitress.server.create_server(app, host=host, port=port,
+                                                     _dispatcher=dispatcher, **settings)
         # A single listener is returned itself; several (e.g. a name resolving to v4 and v6)
         # come wrapped in a MultiSocketServer holding the shared map. The stubs type that map
         # as fd -> socket (it holds dispatchers) and leave out a listener's private _map.
@@ -384,8 +484,9 @@ class WaitressServer:
                       int(self.listeners[0].effective_port))  # type: ignore[attr-defined]
 
     def poll(self, timeout: float) -> None:
-        """Handle what is ready (accepts, reads, writes), waiting at most `timeout` seconds."""
-        wasyncore.loop(timeout=timeout, map=self.map, use_poll=True, count=1)
+        """Handle what is ready (accepts, reads, writes), waiting at most `timeout` seconds
+        (PAUSE_TICK at most: a paused connection is not polled, so no event resumes it)."""
+        wasyncore.loop(timeout=min(timeout, PAUSE_TICK), map=self.map, use_poll=True, count=1)
 
     def sweep(self, now: float | None = None) -> int:
         """Close connections that owe a request past the deadline; return how many."""

@@ -35,6 +35,7 @@ from procfleet.params import (
     check_scope,
     single_values,
 )
+from procfleet.serve import pause_reading
 from procfleet.streaming import NDJSON, TARGETED_HEADER
 from procfleet.timefmt import rfc3339
 from procfleet.web import (
@@ -222,6 +223,11 @@ def _target_or_400(text: str) -> Target:
         raise falcon.HTTPBadRequest(title="invalid target", description=str(exc)) from None
 
 
+# How long a connection's next request waits after an answer that asked no exporter (circuit
+# open, bulkhead full); bench/bench_hostile.py measures what it spares the other requests.
+FAST_FAIL_PAUSE = 0.1
+
+
 def _respond(req: falcon.Request, resp: falcon.Response, answer: Answer, field: str) -> None:
     results = answer.results
     req.context.summary = {
@@ -231,6 +237,9 @@ def _respond(req: falcon.Request, resp: falcon.Response, answer: Answer, field: 
     if answer.code != 200:
         if results and all(r.kind == "rejected" for r in results):
             req.context.rejected = tuple(r.hostname for r in results)
+            # Nobody was asked: the answer costs next to nothing, so a client looping on it
+            # could take every thread and the whole CPU. Its next request waits a little.
+            pause_reading(FAST_FAIL_PAUSE)
         # What raising falcon.HTTPError would write (procfleet.web.serialize_error), without
         # the exception's trip through falcon's handler look-up: a fast-fail answer is
         # mostly this.
