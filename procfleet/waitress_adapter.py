@@ -17,6 +17,11 @@ more, and all of it lives here:
   round-robin by what their request asks for, not first come first served, so a flood of
   requests for one target (64 clients asking a hung exporter) cannot keep `/healthz` and the
   other targets waiting behind it;
+* a bound on how long a worker waits for a client to read (`Channel`'s
+  `_flush_outbufs_below_high_watermark`): waitress makes a worker writing a streamed answer
+  wait, without a timeout, while more than `outbuf_high_watermark` bytes are unsent, so a
+  client that asks for a stream and never reads would hold the thread for ever; the
+  connection is closed once the client has taken nothing for WRITE_STALL_TIMEOUT seconds;
 * a pause on reading (`pause_reading`): the app may ask, while it answers, that the
   connection's next request be read only after a short while, so a client that loops on
   answers costing next to nothing (a circuit open) cannot take the whole CPU;
@@ -49,7 +54,7 @@ from typing import Any
 
 import waitress.server
 from waitress import wasyncore
-from waitress.channel import HTTPChannel
+from waitress.channel import ClientDisconnected, HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import BaseWSGIServer, MultiSocketServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
@@ -94,6 +99,9 @@ INTERNALS: tuple[tuple[Any, str, tuple[str, ...] | None], ...] = (
     (HTTPChannel, "handle_write", ("self",)),
     (HTTPChannel, "readable", ("self",)),
     (HTTPChannel, "service", ("self",)),
+    (HTTPChannel, "_flush_outbufs_below_high_watermark", ("self",)),
+    (HTTPChannel, "_flush_exception", ("self", "flush", "do_close")),
+    (HTTPChannel, "_flush_some", ("self", "do_close")),
     (HTTPChannel, "writable", ("self",)),
     (HTTPChannel, "handle_close", ("self",)),
     (HTTPChannel, "last_activity", None),
@@ -199,6 +207,9 @@ class JsonErrorTask(ErrorTask):
 _serving = threading.local()
 # How long the loop sleeps at most while a connection's reading is paused (pause_reading).
 PAUSE_TICK = 0.05
+# Seconds a worker waits for a client that takes none of an answer's unsent bytes (past the
+# high watermark) before the connection is closed and the worker freed.
+WRITE_STALL_TIMEOUT = 30.0
 
 
 def pause_reading(seconds: float) -> None:
@@ -246,6 +257,33 @@ class Channel(HTTPChannel):
                 return False
             self.paused_until = 0.0
         return bool(super().readable())
+
+    def _flush_outbufs_below_high_watermark(self) -> None:
+        # waitress's own, with a bound: it waits on outbuf_lock with no timeout for the loop
+        # thread to send (a worker writing a streamed answer, past the high watermark).
+        if self.total_outbufs_len <= self.adj.outbuf_high_watermark:
+            return
+        with self.outbuf_lock:
+            # Both are waitress 3.0's own (INTERNALS checks them); the stubs leave them out.
+            _, exception = self._flush_exception(  # type: ignore[attr-defined]
+                self._flush_some, do_close=False)  # type: ignore[attr-defined]
+            if exception:
+                self.server.pull_trigger()
+                self.outbuf_lock.wait(WRITE_STALL_TIMEOUT)
+                return
+            unsent, since = self.total_outbufs_len, time.monotonic()
+            while self.connected and self.total_outbufs_len > self.adj.outbuf_high_watermark:
+                self.server.pull_trigger()
+                self.outbuf_lock.wait(min(1.0, WRITE_STALL_TIMEOUT))
+                now = time.monotonic()
+                if self.total_outbufs_len < unsent:
+                    unsent, since = self.total_outbufs_len, now
+                elif now - since >= WRITE_STALL_TIMEOUT:
+                    log.info("closed a connection whose client read nothing of its answer "
+                             "for %g s", WRITE_STALL_TIMEOUT)
+                    self.will_close = True
+                    self.server.pull_trigger()
+                    raise ClientDisconnected
 
     def service(self) -> None:
         _serving.channel = self

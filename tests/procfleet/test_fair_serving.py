@@ -1,7 +1,8 @@
 """A flood of requests for one target cannot keep the others waiting (issue 8: 64 clients on a
 hung exporter, and /healthz and healthy hosts answered meanwhile): the workers take waiting
 connections round-robin by what they ask for (`FairQueue`), and a connection whose answer
-cost next to nothing can be read again only after a pause (`pause_reading`)."""
+cost next to nothing can be read again only after a pause (`pause_reading`). And a client that
+reads nothing of a streamed answer cannot hold a worker for ever."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
+from procfleet import waitress_adapter
 from procfleet.testing import wait_until
 from procfleet.waitress_adapter import FairQueue, WaitressServer, pause_reading
 
@@ -33,8 +35,9 @@ def test_the_queue_takes_flows_in_turn_and_each_flow_in_order() -> None:
 
 
 @contextmanager
-def _serving(app: Callable[..., Any], threads: int) -> Iterator[WaitressServer]:
-    server = WaitressServer(app, "127.0.0.1", 0, head_timeout=10, threads=threads)
+def _serving(app: Callable[..., Any], threads: int, **settings: Any
+             ) -> Iterator[WaitressServer]:
+    server = WaitressServer(app, "127.0.0.1", 0, head_timeout=10, threads=threads, **settings)
     stop = threading.Event()
 
     def loop() -> None:
@@ -119,3 +122,48 @@ def test_a_paused_connection_is_read_again_only_after_the_pause() -> None:
         paused.settimeout(10)
         _answer(paused)  # once the pause is over
         paused.close()
+
+
+def test_a_client_that_reads_nothing_of_a_stream_frees_its_worker(monkeypatch) -> None:
+    """waitress makes a worker writing a stream wait, with no timeout, while more than the high
+    watermark is unsent. With one worker, a client that asks for a stream and never reads
+    would keep every other request waiting for ever; now its connection is closed once it has
+    taken nothing for WRITE_STALL_TIMEOUT, and the next request is served."""
+    monkeypatch.setattr(waitress_adapter, "WRITE_STALL_TIMEOUT", 1.0)
+    chunk = b"x" * 65536
+    finished = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        if environ["PATH_INFO"] == "/stream":
+            start_response("200 OK", [("Content-Type", "application/x-ndjson")])
+            return _stream(chunk, 512, finished)  # 32 MiB
+        start_response("200 OK", [("Content-Length", "2")])
+        return iter([b"ok"])
+
+    with _serving(app, threads=1, outbuf_high_watermark=256 * 1024) as server:
+        port = server.bound[1]
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", port))
+        reader.sendall(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")  # and never read
+        wait_until(lambda: server.busy() and len(server._server.task_dispatcher.queue) == 0)
+        other = _send(port, "/quick")
+        other.settimeout(15)
+        _answer(other)  # served by the one worker once it was freed
+        other.close()
+        assert finished.wait(10), "the stream's iterator was not closed"
+        reader.settimeout(15)
+        try:
+            while reader.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        reader.close()
+
+
+def _stream(chunk: bytes, count: int, finished: threading.Event) -> Iterator[bytes]:
+    try:
+        for _ in range(count):
+            yield chunk
+    finally:
+        finished.set()
