@@ -209,11 +209,19 @@ class SystemFacts:
 
 
 class UserNames:
-    """uid → user name, cached: a passwd lookup costs more than reading a process."""
+    """uid → user name, cached: a passwd lookup costs more than reading a process.
 
-    def __init__(self, ttl: float = 300.0) -> None:
+    At most `max_entries` uids (a host running containers with mapped uid ranges can show
+    tens of thousands); past it the cache starts again empty.
+    """
+
+    def __init__(self, ttl: float = 300.0, max_entries: int = 4096) -> None:
         self._ttl = ttl
+        self.max_entries = max_entries
         self._cache: dict[int, tuple[str, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def __call__(self, uid: int) -> str:
         now = time.monotonic()
@@ -224,6 +232,8 @@ class UserNames:
             name = pwd.getpwuid(uid).pw_name
         except KeyError:
             name = str(uid)
+        if len(self._cache) >= self.max_entries and uid not in self._cache:
+            self._cache.clear()
         self._cache[uid] = (name, now)
         return name
 

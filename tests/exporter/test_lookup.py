@@ -14,7 +14,7 @@ import pytest
 
 from exporter.app import create_app
 from exporter.config import Config
-from exporter.procs import ProcessError, ProcessGone, ProcfsReader, PsutilReader
+from exporter.procs import ProcessError, ProcessGone, ProcfsReader, PsutilReader, UserNames
 from procfleet.testing import SPINNER, wait_until
 
 READERS = {"procfs": ProcfsReader, "psutil": PsutilReader}
@@ -251,3 +251,14 @@ def test_a_thread_id_is_not_a_process(client, children, marker):
     got = client.simulate_get(f"/process/{tid}")
     assert got.status_code == 404
     assert got.json["error"] == "process not found"
+
+
+def test_the_user_name_cache_is_bounded_in_entries() -> None:
+    names = UserNames(max_entries=8)
+    me = os.getuid()
+    assert names(me) == pwd.getpwuid(me).pw_name
+    unknown = [4_000_000_000 + i for i in range(20)]  # no passwd entry: the uid as text
+    for uid in unknown:
+        assert names(uid) == str(uid)
+        assert len(names) <= 8
+    assert names(unknown[-1]) == str(unknown[-1]) and len(names) <= 8
