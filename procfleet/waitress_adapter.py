@@ -45,6 +45,7 @@ import importlib.metadata
 import inspect
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -54,7 +55,7 @@ from typing import Any
 
 import waitress.server
 from waitress import wasyncore
-from waitress.channel import ClientDisconnected, HTTPChannel
+from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import BaseWSGIServer, MultiSocketServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
@@ -252,10 +253,9 @@ class Channel(HTTPChannel):
         return bool(super().received(data))
 
     def readable(self) -> bool:
-        if self.paused_until:
-            if time.monotonic() < self.paused_until:
-                return False
-            self.paused_until = 0.0
+        # Never reset here: a worker may set a new pause at any moment (pause_reading).
+        if self.paused_until and time.monotonic() < self.paused_until:
+            return False
         return bool(super().readable())
 
     def _flush_outbufs_below_high_watermark(self) -> None:
@@ -279,11 +279,28 @@ class Channel(HTTPChannel):
                 if self.total_outbufs_len < unsent:
                     unsent, since = self.total_outbufs_len, now
                 elif now - since >= WRITE_STALL_TIMEOUT:
-                    log.info("closed a connection whose client read nothing of its answer "
-                             "for %g s", WRITE_STALL_TIMEOUT)
-                    self.will_close = True
-                    self.server.pull_trigger()
-                    raise ClientDisconnected
+                    self._abandon()
+                    return
+
+    def _abandon(self) -> None:
+        """Close a connection whose client reads nothing, from the worker waiting on it.
+
+        Flags alone would not do: waitress closes a channel in handle_write, which needs the
+        socket writable, and it never is while the client reads nothing. A shut-down socket
+        is, at once (an error), so the loop thread closes it; the worker returns, and its
+        next write finds the channel disconnected (ClientDisconnected in write_soon). Not
+        raised here: HTTPChannel.service also calls the flush, outside its own handler.
+        """
+        log.info("closing a connection whose client read nothing of its answer for %g s",
+                 WRITE_STALL_TIMEOUT)
+        self.will_close = True
+        sock = self.socket
+        if sock is not None:  # None: closed meanwhile by the loop thread
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.server.pull_trigger()
 
     def service(self) -> None:
         _serving.channel = self

@@ -320,6 +320,12 @@ class _Gather(_Waiter):
         if self.pending == 0 and not self.done.done():
             self.done.set_result(None)
 
+    def close(self) -> None:
+        """The broadcast is over; a flight still under way keeps this waiter until it ends,
+        and must not keep the request's results alive with it."""
+        self.closed = True
+        self.results = []
+
     def arrived(self, index: int, result: Result) -> None:
         if self.closed:
             return
@@ -338,6 +344,10 @@ class _Arrivals(_Waiter):
         self.ready: deque[tuple[int, Result]] = deque()
         self.wake = asyncio.Event()
         self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.ready = deque()
 
     def arrived(self, index: int, result: Result) -> None:
         if not self.closed:
@@ -503,8 +513,11 @@ class Fanout:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
-        for flight in list(self._loop_flights.values()):
+        flights = list(self._loop_flights.values())
+        connecting = [flight.task for flight in flights if flight.task is not None]
+        for flight in flights:
             self._complete(flight, self._deadline_result(flight.exporter), "inconclusive")
+        await asyncio.gather(*connecting, return_exceptions=True)  # cancelled just above
         self._client.close()
         await asyncio.sleep(0)  # let the transports finish closing their sockets
         await asyncio.sleep(0)
@@ -778,6 +791,8 @@ class Fanout:
         while deadlines:
             when, flight = deadlines[0]
             if flight is not None and when > now:
+                if self._deadline_timer is not None:  # set by a call begun meanwhile
+                    self._deadline_timer.cancel()
                 self._deadline_timer = self._loop.call_at(when, self._expire_due)
                 return
             deadlines.popleft()
@@ -872,7 +887,7 @@ class Fanout:
                 except TimeoutError:
                     pass
         finally:
-            gather.closed = True
+            gather.close()
             for index, flight in asked:
                 if results[index] is None:
                     self._leave(flight)
@@ -929,7 +944,7 @@ class Fanout:
         except _ReaderGone:
             pass
         finally:
-            arrivals.closed = True
+            arrivals.close()
             for flight in asked.values():
                 self._leave(flight)
             stream.finished = True
@@ -1008,10 +1023,10 @@ def classify(hostname: str, call: Call, outcome: httpclient.Response | Exception
     """
     if isinstance(outcome, Exception):
         return Result(hostname, *_failure(outcome))
+    if outcome.over_budget:  # whatever the status: its answer was not read
+        return Result(hostname, "bad_body", OVER_BUDGET_ERROR)
     status = outcome.status
     if status == 200:
-        if outcome.over_budget:
-            return Result(hostname, "bad_body", OVER_BUDGET_ERROR)
         if outcome.too_large:
             return Result(hostname, "bad_body",
                           f"exporter answer exceeds {call.max_body_bytes} bytes")

@@ -920,8 +920,9 @@ class Connection(asyncio.Protocol):
     def forget(self) -> None:
         """Give up on the request under way: close, and never call its callback."""
         self._settled = None
-        if self._reader is not None:
-            self._reader.release()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.release()
         self.close()
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 
@@ -101,7 +102,7 @@ def test_timeouts_come_in_order_and_settled_calls_leave_the_deadline_queue() -> 
     most the calls begun within one exporter timeout)."""
 
     async def hang(request: web.Request) -> web.Response:
-        await asyncio.sleep(3)
+        await asyncio.sleep(0.6)  # past the exporter timeout, done before the server stops
         return web.json_response({"pid": PID})
 
     async def answer(request: web.Request) -> web.Response:
@@ -122,3 +123,42 @@ def test_timeouts_come_in_order_and_settled_calls_leave_the_deadline_queue() -> 
                 "timeout" if i % 3 == 0 else "ok" for i in range(12)]
             assert {r.error for r in results if r.kind == "timeout"} == {"timeout after 0.3 s"}
             assert len(fanout._deadlines) == 0
+
+
+def test_one_deadline_timer_however_many_calls_time_out_while_others_wait() -> None:
+    """200 calls through 4 slots to a server that never answers: 50 waves of timeouts, each
+    beginning queued calls from inside the timer's own run. One timer at a time must serve
+    them all (a timer left behind by each wave would fire again at every deadline after)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(512)  # connections complete in the kernel; nothing is ever read or answered
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    runs = [0]
+    try:
+        exporters = [Exporter(f"silent-{i:03d}", url) for i in range(200)]
+        with Fanout(exporter_timeout=0.05, request_timeout=30, max_in_flight=4) as fanout:
+            expire_due = fanout._expire_due
+
+            def counted() -> None:
+                runs[0] += 1
+                expire_due()
+
+            fanout._expire_due = counted  # type: ignore[method-assign]  # counts its runs
+            results = fanout.all(exporters, process_call(PID))
+            assert {r.kind for r in results} == {"timeout"}
+            assert fanout._deadline_timer is None or len(fanout._deadlines) > 0
+    finally:
+        silent.close()
+    # One run per wave of 4 (and a few for the stragglers); the leak made it thousands.
+    assert runs[0] <= 120, runs[0]
+
+
+def test_an_answer_cut_off_by_the_budget_says_so_whatever_its_status() -> None:
+    async def not_found(request: web.Request) -> web.Response:
+        return web.json_response({"error": "process not found", "details": "x" * 4096},
+                                 status=404)
+
+    with serve_aiohttp({f"/process/{PID}": not_found}) as url:
+        with Fanout(exporter_timeout=10, request_timeout=20, max_buffered_bytes=2048) as fanout:
+            results = fanout.all([Exporter("a", url), Exporter("b", url)], process_call(PID))
+    assert [(r.kind, r.error) for r in results] == [("bad_body", OVER_BUDGET_ERROR)] * 2
