@@ -19,6 +19,7 @@ from procfleet.hostnames import hostname_problem
 from procfleet.logs import add_log_level_flag, setup_logging
 from procfleet.netaddr import ListenError, is_loopback, parse_listen
 from procfleet.serve import HEAD_TIMEOUT, raise_file_limit, serve
+from procfleet.webconfig import add_web_config_flag
 from procfleet.webconfig import load as load_web_config
 
 # Named by module, as everywhere: __spec__, since __name__ is "__main__" under `python -m`.
@@ -88,9 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="window of the live rates (cpu_percent_recent, read/write bytes "
                              "per second): how often every process's counters are read, "
                              "1 to 300 (default 5, or rates.interval_seconds from the file)")
-    parser.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
-                        help="TLS and basic auth in the Prometheus exporter-toolkit's format "
-                             "(the file a node_exporter reads; see docs/api.md)")
+    add_web_config_flag(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 

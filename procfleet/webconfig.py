@@ -31,6 +31,7 @@ This module needs no web framework: the services' middleware is in procfleet.bas
 
 from __future__ import annotations
 
+import argparse
 import re
 import ssl
 from collections.abc import Mapping
@@ -167,6 +168,13 @@ class WebConfig:
     @property
     def scheme(self) -> str:
         return "https" if self.tls is not None else "http"
+
+
+def add_web_config_flag(parser: argparse.ArgumentParser) -> None:
+    """`--web.config.file FILE`, as both services take it (as `args.web_config_file`)."""
+    parser.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                        help="TLS and basic auth in the Prometheus exporter-toolkit's format "
+                             "(the file a node_exporter reads; see docs/api.md)")
 
 
 def load(path: str | Path) -> WebConfig:

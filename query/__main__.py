@@ -21,6 +21,7 @@ from procfleet.configcheck import ConfigError
 from procfleet.logs import add_log_level_flag, setup_logging
 from procfleet.netaddr import ListenError, is_loopback, parse_listen
 from procfleet.serve import raise_file_limit, serve
+from procfleet.webconfig import add_web_config_flag
 from procfleet.webconfig import load as load_web_config
 from query import config as query_config
 from query.app import create_app
@@ -54,9 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="load a --config file that users other than root and this "
                              "service's user could change (or, holding a token, read), "
                              "with a warning; refused otherwise")
-    parser.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
-                        help="TLS and basic auth in the Prometheus exporter-toolkit's format "
-                             "(see docs/api.md)")
+    add_web_config_flag(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     keygen = commands.add_parser(
