@@ -97,23 +97,28 @@ class SimulatedExporter(asyncio.Protocol):
         self.transport = transport
         self.buffer = b""
 
+    def delay_for(self) -> float:
+        """How long this exporter takes to answer (bench_search's vary by port)."""
+        return self.delay
+
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         loop = asyncio.get_running_loop()
         while b"\r\n\r\n" in self.buffer:
             head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-            path = head.split(b" ", 2)[1]
-            loop.call_later(self.delay, self.answer, path)
+            target = head.split(b" ", 2)[1]
+            loop.call_later(self.delay_for(), self.answer, target)
 
-    def answer(self, path: bytes) -> None:
+    def answer(self, target: bytes) -> None:
         if self.transport.is_closing():
             return
-        if path.startswith(b"/process/") and path[9:].isdigit():
-            body = (PROCESS_TEMPLATE % int(path[9:])).encode()
-            status = b"200 OK"
+        if target.startswith(b"/process/") and target[9:].isdigit():
+            self.respond((PROCESS_TEMPLATE % int(target[9:])).encode())
         else:
-            body, status = b'{"status": "ok"}', b"200 OK"
-        self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
+            self.respond(b'{"status": "ok"}')
+
+    def respond(self, body: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 

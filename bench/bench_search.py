@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_query_fanout
 from bench_query_fanout import raise_file_limit, start_query
 from benchlib import rss_bytes, save, stop
 
@@ -47,39 +48,32 @@ def _process(pid: int, cpu: float) -> dict:
             "command": f"nginx: worker process {pid}", "start_time": "2026-01-15T10:30:00Z"}
 
 
-class SimulatedExporter(asyncio.Protocol):
-    """Keep-alive HTTP/1.1; `/process?...limit=N` answers its top N of 300 by cpu."""
+class SimulatedExporter(bench_query_fanout.SimulatedExporter):
+    """Keep-alive HTTP/1.1; `/process?...limit=N` answers its top N of 300 by cpu, after the
+    delay of its port."""
 
     delays: dict[int, float] = {}
     processes: dict[int, list[dict]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        super().connection_made(transport)
         self.port = transport.get_extra_info("sockname")[1]
-        self.buffer = b""
 
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        loop = asyncio.get_running_loop()
-        while b"\r\n\r\n" in self.buffer:
-            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-            target = head.split(b" ", 2)[1].decode()
-            loop.call_later(self.delays[self.port], self.answer, target)
+    def delay_for(self) -> float:
+        return self.delays[self.port]
 
-    def answer(self, target: str) -> None:
+    def answer(self, target: bytes) -> None:
         if self.transport.is_closing():
             return
-        path, _, query = target.partition("?")
+        path, _, query = target.decode().partition("?")
         if path == "/process":
             params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
             listed = self.processes[self.port]  # sorted by cpu, largest first
             if "limit" in params:
                 listed = listed[: int(params["limit"])]
-            body = json.dumps({"hostname": "sim", "processes": listed}).encode()
+            self.respond(json.dumps({"hostname": "sim", "processes": listed}).encode())
         else:
-            body = b'{"status": "ok"}'
-        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self.respond(b'{"status": "ok"}')
 
 
 async def serve(count: int, first: int, total: int, spread: bool) -> None:
