@@ -60,6 +60,16 @@ class Problems:
         if self.items:
             raise ConfigError(source, self.items)
 
+    def top_mapping(self, data: Any, source: str) -> Mapping[str, Any]:
+        """A whole file's parsed YAML as a mapping (empty for an empty file); anything else
+        ends the check at once with ConfigError, since no key of it can be checked."""
+        if data is None:
+            return {}
+        if isinstance(data, Mapping):
+            return data
+        self.add("", f"the top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(source, self.items)
+
     def mapping(self, value: Any, path: str) -> Mapping[str, Any]:
         if value is None:
             return {}

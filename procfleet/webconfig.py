@@ -192,11 +192,7 @@ def parse(data: Any, *, source: str = "<web config>", base_dir: Path | None = No
           ) -> WebConfig:
     """Build a WebConfig from parsed YAML (ConfigError on any problem)."""
     problems = Problems()
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        problems.add("", f"the top level must be a mapping, got {type(data).__name__}")
-        problems.raise_if_any(source)
+    data = problems.top_mapping(data, source)
     _refuse_unsupported(problems, data, "")
     problems.unknown_keys({k: v for k, v in data.items() if k not in _UNSUPPORTED},
                           _TOP_KEYS, "")

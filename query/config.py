@@ -290,11 +290,7 @@ def parse(data: Any, *, source: str = "<config>", base_dir: Path | None = None) 
     Relative `file_sd` patterns are taken relative to `base_dir` when it is given.
     """
     problems = Problems()
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        problems.add("", f"the top level must be a mapping, got {type(data).__name__}")
-        problems.raise_if_any(source)
+    data = problems.top_mapping(data, source)
     problems.unknown_keys(data, _TOP_KEYS, "")
 
     listen = problems.typed(data, "listen", str, DEFAULT_LISTEN, "")
