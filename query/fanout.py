@@ -957,28 +957,24 @@ class Fanout:
         """Put one result in the stream's queue, waiting (without blocking the loop) for
         room at most `stream.slow_reader_timeout`; _ReaderGone when the reader is gone."""
         item = (index, result)
-        if stream.left:
-            raise _ReaderGone
-        try:
-            stream.queue.put_nowait(item)
-            return
-        except queue.Full:
-            pass
-        give_up = time.monotonic() + stream.slow_reader_timeout
+        give_up: float | None = None
         while True:
-            await asyncio.sleep(_STREAM_POLL)
             if stream.left:
                 raise _ReaderGone
             try:
                 stream.queue.put_nowait(item)
                 return
             except queue.Full:
-                if time.monotonic() >= give_up:
+                now = time.monotonic()
+                if give_up is None:
+                    give_up = now + stream.slow_reader_timeout
+                elif now >= give_up:
                     stream.dropped = True
                     log.warning("stream reader too slow: dropped", extra={"fields": {
                         "waited_s": stream.slow_reader_timeout,
                         "exporters": len(stream.exporters)}})
                     raise _ReaderGone from None
+            await asyncio.sleep(_STREAM_POLL)
 
     def _deadline_result(self, exporter: Exporter) -> Result:
         return Result(exporter.hostname, "timeout",
