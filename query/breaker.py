@@ -10,17 +10,20 @@ Every exporter call passes through `Guards`, which keeps, per exporter hostname:
                        exporter is responsive) closes it, a failure opens it again.
     a bulkhead         at most `max_waiting` requests (each holds one of the service's
                        threads) may wait on one exporter at a time once it is stalled (none
-                       of its requests finished for `slow_after` seconds); beyond that a
+                       of its requests finished for `slow_after` seconds, or for
+                       STALL_FACTOR times its slowest answer of the last LATENCY_WINDOW
+                       seconds if that is longer: an exporter whose answers take 300 ms now
+                       and then under load is not stalled after 50 ms); beyond that a
                        request fails at once for that exporter. This is what keeps threads
                        free for /healthz and healthy hosts before the first timeout opens the
                        circuit. An exporter that keeps answering is not stalled: a request
-                       over the bound waits (at most `slow_after`) for one to finish, so a
+                       over the bound waits (at most its patience) for one to finish, so a
                        burst on one healthy host is served, not refused.
 
 State is kept only for exporters that have something to remember (a request waiting, a
-failure counted, an open circuit), at most `max_entries` of them (least recently used first
-out), and `retain()` drops exporters that left discovery. Thread-safe: request threads and the
-fan-out loop both use one instance.
+failure counted, an open circuit, an answer time of the last LATENCY_WINDOW seconds), at
+most `max_entries` of them (least recently used first out), and `retain()` drops exporters
+that left discovery. Thread-safe: request threads and the fan-out loop both use one instance.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from procfleet.timefmt import rfc3339
+
+# An exporter is stalled when silent this many times longer than its slowest recent answer
+# took (answers of the last LATENCY_WINDOW seconds).
+STALL_FACTOR = 2.0
+LATENCY_WINDOW = 10.0
 
 # What a finished call says about the exporter's liveness.
 Outcome = Literal["answered", "timeout", "connect_failed", "inconclusive"]
@@ -48,9 +56,22 @@ class _State:
     # request on the exporter is refused with it, thousands a second under a flood.
     opened: str = ""
     probing: bool = False
+    slowest: float = 0.0  # seconds: its slowest answer since `slowest_at` (0: none yet)
+    slowest_at: float = 0.0  # monotonic
+
+    def patience(self, slow_after: float) -> float:
+        """How long it may go without a request finishing before it counts as stalled."""
+        return max(slow_after, STALL_FACTOR * self.slowest)
+
+    def answered_in(self, seconds: float, now: float) -> None:
+        if seconds >= self.slowest or now - self.slowest_at > LATENCY_WINDOW:
+            self.slowest, self.slowest_at = seconds, now
 
     def idle(self) -> bool:
-        return not (self.waiting or self.failures or self.open_until or self.probing)
+        """Nothing to remember: no request waiting, no failure, no answer time that still
+        counts (within LATENCY_WINDOW)."""
+        return not (self.waiting or self.failures or self.open_until or self.probing
+                    or (self.slowest and time.monotonic() - self.slowest_at <= LATENCY_WINDOW))
 
 
 class Guards:
@@ -73,6 +94,11 @@ class Guards:
     def __len__(self) -> int:
         return len(self._states)
 
+    def waiting(self) -> int:
+        """Requests counted by `enter()` and not yet `leave()`d, on every exporter."""
+        with self._lock:
+            return sum(state.waiting for state in self._states.values())
+
     def enter(self, hostname: str, *, block: bool = True) -> str | None:
         """Count a request as waiting on `hostname`; the reason instead if it must fail fast.
 
@@ -94,7 +120,8 @@ class Guards:
                 if refused is not None or state.waiting < self.max_waiting:
                     break
                 stalled = now - state.progress
-                if stalled >= self.slow_after:
+                patience = state.patience(self.slow_after)
+                if stalled >= patience:
                     refused = (f"{state.waiting} requests already wait on this exporter and "
                                f"none finished for {stalled:.2f} s (at most "
                                f"{self.max_waiting} may wait); not asked")
@@ -103,11 +130,13 @@ class Guards:
                     break
                 self._blocked += 1
                 try:
-                    self._freed.wait(self.slow_after - stalled)
+                    self._freed.wait(patience - stalled)
                 finally:
                     self._blocked -= 1
                 now = time.monotonic()
             if refused is None:
+                if not state.waiting:
+                    state.progress = now  # the first to wait: the clock starts
                 state.waiting += 1
             elif state.idle() and self._states.get(hostname) is state:
                 del self._states[hostname]
@@ -141,8 +170,9 @@ class Guards:
                 state.probing = True  # half-open: this call is the one probe
             return refused
 
-    def finish_call(self, hostname: str, outcome: Outcome) -> None:
-        """What a call started with `start_call()` came to."""
+    def finish_call(self, hostname: str, outcome: Outcome, seconds: float | None = None
+                    ) -> None:
+        """What a call started with `start_call()` came to, and how long it took."""
         with self._lock:
             state = self._states.get(hostname)
             if state is None:
@@ -155,6 +185,8 @@ class Guards:
             if outcome == "answered":
                 state.failures = 0
                 state.open_until = 0.0
+                if seconds is not None:
+                    state.answered_in(seconds, time.monotonic())
             elif outcome == "timeout":
                 self._open(state, "timeout")
             elif outcome == "connect_failed":

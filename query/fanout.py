@@ -282,7 +282,7 @@ class _LoopFlight:
     """
 
     __slots__ = ("exporter", "call", "key", "sharers", "result", "waiters", "started",
-                 "began", "origin", "deadline", "conn", "task")
+                 "began", "begun_at", "origin", "deadline", "conn", "task")
 
     def __init__(self, exporter: Exporter, call: Call, key: FlightKey) -> None:
         self.exporter = exporter
@@ -293,6 +293,7 @@ class _LoopFlight:
         self.waiters: list[tuple[_Waiter, int]] = []
         self.started = False  # told to the breaker (start_call): finish_call is owed
         self.began = False  # holds one of the in-flight slots
+        self.begun_at = 0.0  # loop time it was sent at
         self.origin: httpclient.Origin | None = None
         self.deadline: list[Any] | None = None  # its [when, flight] in Fanout._deadlines
         self.conn: httpclient.Connection | None = None  # the kept-alive one it went out on
@@ -609,12 +610,14 @@ class Fanout:
         if refused is not None:
             return Result(name, "rejected", refused)
         liveness: Outcome = "inconclusive"
+        seconds: float | None = None  # how long the exporter took to answer
         try:
             if not self._sync_slots.acquire(
                     timeout=max(0.0, request_until - time.monotonic())):
                 return self._deadline_result(exporter)
             try:
-                exporter_until = time.monotonic() + self.exporter_timeout
+                started = time.monotonic()
+                exporter_until = started + self.exporter_timeout
                 until = min(exporter_until, request_until)
                 try:
                     origin, request = self._request(exporter, call)
@@ -627,11 +630,12 @@ class Fanout:
                 except (httpclient.HTTPError, ValueError) as exc:
                     outcome = exc
                 result, liveness = self._settle(name, call, outcome)
+                seconds = time.monotonic() - started
                 return result
             finally:
                 self._sync_slots.release()
         finally:
-            self.guards.finish_call(name, liveness)
+            self.guards.finish_call(name, liveness, seconds)
 
     def _resolve_on_loop(self, host: str, port: int, timeout: float) -> list[tuple[int, Any]]:
         # A name not yet in the resolver's cache: looked up by the loop (getaddrinfo in its
@@ -721,6 +725,7 @@ class Fanout:
         here (`_expire_due`)."""
         self._active += 1
         flight.began = True
+        flight.begun_at = self._loop.time()
         exporter, call = flight.exporter, flight.call
         try:
             origin, request = self._request(exporter, call)
@@ -827,7 +832,8 @@ class Fanout:
             flight.task.cancel()
             flight.task = None
         if flight.started:
-            self.guards.finish_call(name, liveness or "inconclusive")
+            self.guards.finish_call(name, liveness or "inconclusive",
+                                    self._loop.time() - flight.begun_at if flight.began else None)
         if self._loop_flights.get(flight.key) is flight:
             del self._loop_flights[flight.key]
         for _ in range(flight.sharers):

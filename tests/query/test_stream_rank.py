@@ -236,7 +236,7 @@ def test_a_slow_reader_is_dropped_without_stalling_other_requests(fake_exporters
         others = fanout.all(exporters, list_call({"name": "x"}))
         assert [r.kind for r in others] == ["ok"] * 6
         results = list(stream)
-        wait_until(lambda: len(fanout.guards) == 0, what="every exporter's waiting to end")
+        wait_until(lambda: fanout.guards.waiting() == 0, what="every exporter's waiting to end")
     assert len(results) == 6
     assert [r.kind for r in results[:2]] == ["ok", "ok"]  # what the queue held
     assert {r.error for r in results[2:]} == {SLOW_READER_ERROR}
@@ -253,7 +253,7 @@ def test_a_reader_that_leaves_frees_the_broadcast(fake_exporters):
         stream.close()
         # The hung call goes on (bounded by the exporter timeout) but no request waits on it.
         wait_until(lambda: stream.finished, what="the broadcast to stop waiting")
-        assert len(fanout.guards) == 0  # "hang" waited on by this request until it left
+        assert fanout.guards.waiting() == 0  # "hang" waited on by this request until it left
 
 
 class _Terminal(io.StringIO):

@@ -179,6 +179,24 @@ def test_concurrent_identical_requests_share_one_call(
         query.stop()
 
 
+@pytest.mark.parametrize("answered_in, refused", [(1.0, False), (0.001, True)])
+def test_an_exporter_slowed_by_load_is_not_stalled(answered_in: float, refused: bool) -> None:
+    """Stalled means silent for much longer than the exporter's recent answers took, and at
+    least `slow_after`: one whose calls take 1 s is not stalled after 0.2 s of silence (a
+    burst on a loaded healthy host is served), one whose calls take 1 ms is."""
+    guards = Guards(max_waiting=2, slow_after=0.05)
+    assert guards.enter("web") is None and guards.enter("web") is None
+    assert guards.start_call("web") is None
+    guards.finish_call("web", "answered", answered_in)
+    guards.leave("web")  # a request finished: the silence starts now
+    assert guards.enter("web") is None  # two waiting again, the bound
+    time.sleep(0.2)
+    why = guards.enter("web", block=False)
+    assert (why is not None) is refused, why
+    if why is not None:
+        assert "none finished for" in why
+
+
 def test_guards_keep_state_for_a_bounded_number_of_exporters() -> None:
     guards = Guards(max_waiting=1, cooldown=60, failures_to_open=1, max_entries=3)
     for n in range(10):
