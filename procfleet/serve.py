@@ -66,6 +66,7 @@ def serve(
     grace: float = 10.0,
     head_timeout: float = HEAD_TIMEOUT,
     web: WebConfig | None = None,
+    pausable: bool = False,
     **adjustments: Any,
 ) -> None:
     """Serve `app` until SIGTERM or SIGINT, then finish the requests in flight and return.
@@ -94,7 +95,7 @@ def serve(
         app, host, port, head_timeout=head_timeout,
         tls=web.tls_context if web is not None else None,
         tls_allows=tls.san_allowed if tls is not None and tls.client_allowed_sans else None,
-        **settings)
+        pausable=pausable, **settings)
     stopping: list[str] = []
 
     def stop(signum: int, frame: object) -> None:

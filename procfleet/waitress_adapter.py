@@ -216,7 +216,7 @@ WRITE_STALL_TIMEOUT = 30.0
 def pause_reading(seconds: float) -> None:
     """Called by the app while it answers a request: read the connection's next request no
     sooner than `seconds` from now (at most PAUSE_TICK later). Outside a waitress worker, or
-    on another server, it does nothing."""
+    on a server not made with `pausable=True`, it does nothing."""
     channel = getattr(_serving, "channel", None)
     if channel is not None:
         channel.paused_until = time.monotonic() + seconds
@@ -251,12 +251,6 @@ class Channel(HTTPChannel):
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
         return bool(super().received(data))
-
-    def readable(self) -> bool:
-        # Never reset here: a worker may set a new pause at any moment (pause_reading).
-        if self.paused_until and time.monotonic() < self.paused_until:
-            return False
-        return bool(super().readable())
 
     def _flush_outbufs_below_high_watermark(self) -> None:
         # waitress's own, with a bound: it waits on outbuf_lock with no timeout for the loop
@@ -308,6 +302,21 @@ class Channel(HTTPChannel):
             super().service()
         finally:
             _serving.channel = None
+
+
+class PausableChannel(Channel):
+    """A channel that honours `pause_reading`, for a server whose app calls it.
+
+    Only such a server gets it: an overridden readable(), asked of every connection on every
+    turn of the loop, measured 30% off the exporter's lookups per second (wrk -c16), which
+    never pauses a connection.
+    """
+
+    def readable(self) -> bool:
+        # Never reset here: a worker may set a new pause at any moment (pause_reading).
+        if self.paused_until and time.monotonic() < self.paused_until:
+            return False
+        return bool(super().readable())
 
 
 class TLSChannel(Channel):
@@ -507,7 +516,7 @@ class WaitressServer:
 
     def __init__(self, app: Callable[..., Any], host: str, port: int, *, head_timeout: float,
                  tls: ssl.SSLContext | None = None,
-                 tls_allows: Callable[[Any], bool] | None = None,
+                 tls_allows: Callable[[Any], bool] | None = None, pausable: bool = False,
                  **settings: Any) -> None:
         for problem in waitress_problems():
             log.warning("%s", problem)
@@ -525,8 +534,12 @@ class WaitressServer:
                                     if hasattr(self._server, "map")
                                     else self._server._map)  # type: ignore[attr-defined]
         self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
-        self.channel_class: type[Channel] = (
+        channel_class: type[Channel] = (
             Channel if tls is None else tls_channel_class(tls, tls_allows))
+        if pausable:  # pause_reading honoured (PausableChannel's readable() first)
+            channel_class = type(f"Pausable{channel_class.__name__}",
+                                 (PausableChannel, channel_class), {})
+        self.channel_class = channel_class
         for listener in self.listeners:
             listener.channel_class = self.channel_class  # per server object, not process-wide
             # An instance attribute shadowing the method, on purpose (mypy: method-assign).

@@ -145,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             gc.set_threshold(*GC_THRESHOLDS)
             try:
                 serve(app, host, port, logger=log, name="procfleet-query",
-                      threads=config.threads, head_timeout=config.head_timeout, web=web)
+                      threads=config.threads, head_timeout=config.head_timeout, web=web,
+                      pausable=True)  # the app pauses callers of open circuits (app.py)
             except OSError as exc:
                 log.error("cannot listen", extra={"fields": {"listen": listen, "reason": exc}})
                 return 1

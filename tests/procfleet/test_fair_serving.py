@@ -104,7 +104,7 @@ def test_a_paused_connection_is_read_again_only_after_the_pause() -> None:
         start_response("200 OK", [("Content-Length", "2")])
         return [b"ok"]
 
-    with _serving(app, threads=2) as server:
+    with _serving(app, threads=2, pausable=True) as server:
         port = server.bound[1]
         paused = _send(port, "/cheap")
         _answer(paused)
