@@ -23,11 +23,15 @@ rename themselves as they work, so a group per kernel-thread comm would churn wi
 
 A process's group is decided once per incarnation (pid, start time), on first sight.
 
-`cmdline` regexes are RE2 programs, as Go's regexp is (process-exporter's engine): the same
-syntax and meaning (`\\w` is ASCII, no backreferences or lookarounds), and matching in time
-linear in the text whatever the pattern, so no command line a local user chooses can make a
-pattern take long. A regex sees the first `CMDLINE_ARG_SPAN` (1,024) characters of each
-argument and the first `CMDLINE_SPAN` (4,096) characters of the joined command line.
+Unlike Go's regexp, which process-exporter uses, Python's regexes backtrack, and any local
+user chooses the command line they are run on. So `cmdline` regexes get two limits: the
+config is refused (naming the key, e.g. `groups[2].cmdline[0]`) for a pattern that may take
+exponential time (`masking.backtracking_risk`: nested quantifiers such as `(a+)+`,
+alternatives that start alike inside a repeat such as `(a|aa)+`, backreferences); and a
+regex sees only the first `CMDLINE_ARG_SPAN` (1,024) characters of each argument and the
+first `CMDLINE_SPAN` (4,096) characters of the joined command line. Polynomial patterns
+(`.*a.*b`) remain costly on hostile text within those limits: prefer `\\S+`, `[^ ]+` and
+literal prefixes to several `.*`.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.masking import DEFAULT_MASKER, Masker, apply_spans
+from exporter.masking import DEFAULT_MASKER, Masker, apply_spans, backtracking_risk
 from exporter.procs import Sample
 from procfleet.configcheck import Problems
 
@@ -49,13 +53,11 @@ KERNEL_THREADS_GROUP = "kernel_threads"
 _FIELDS = ("Comm", "ExeBase", "ExeFull", "Username", "PID", "StartTime")
 _ACTION = re.compile(r"\{\{-?\s*(.*?)\s*-?\}\}", re.S)
 _FIELD_REF = re.compile(r"\.(\w+)(?:\.(\w+))?")
-# Go 1.22 also accepts (?<name>...); every RE2 takes (?P<name>...).
+# Go 1.22 also accepts (?<name>...); Python spells it (?P<name>...).
 _GO_NAMED_GROUP = re.compile(r"(?<!\\)\(\?<(?=[A-Za-z_])")
-# Memory RE2 may use for one compiled cmdline pattern (RE2's default is 8 MiB).
-CMDLINE_RE_MAX_MEM = 8 * 1024 * 1024
 _NO_VALUE = "<no value>"  # what Go's text/template prints for a missing map key
-# What a cmdline regex sees (module docstring): bounds the work on a 128 KiB argument, while
-# `-jar x.jar` after a long classpath still shows.
+# What a cmdline regex sees (module docstring): bounds what a polynomial pattern may cost on
+# a 128 KiB argument, while `-jar x.jar` after a long classpath still shows.
 CMDLINE_ARG_SPAN = 1024
 CMDLINE_SPAN = 4096
 # A group name is a label value on every series of its group, and the collector keeps it
@@ -134,7 +136,7 @@ class GroupMatcher:
     name: str = DEFAULT_NAME
     comm: frozenset[str] | None = None
     exe: tuple[tuple[str, str], ...] | None = None
-    cmdline: tuple[Any, ...] | None = None  # RE2 programs (`compile_cmdline`), or re.Pattern
+    cmdline: tuple[re.Pattern[str], ...] | None = None
     kernel_thread: bool | None = None
     expected: bool = False
     # Parsed from `name` when not given; config loading passes the one it parsed to report
@@ -205,8 +207,7 @@ class GroupMatcher:
                 found = regex.search(joined)
                 if found is None:
                     return None
-                names = regex.groupindex  # RE2's Match.span takes group numbers only
-                captured.update({k: found.span(names[k]) for k in found.groupdict()})
+                captured.update({k: found.span(k) for k in found.groupdict()})
         matches = _masked_captures(joined, captured, argv, masker) if captured else {}
         return self._name(sample, argv, username, matches, masker)
 
@@ -228,21 +229,6 @@ class GroupMatcher:
         if "StartTime" in fields:
             values["StartTime"] = _go_time(sample.create_time)
         return self._template.render(values, matches)
-
-
-def compile_cmdline(pattern: str) -> tuple[Any, str | None]:
-    """A `cmdline` pattern's RE2 program, or None and why RE2 refuses it."""
-    import re2  # here, not at the top: only a config with cmdline matchers needs it
-
-    options = re2.Options()
-    options.log_errors = False
-    options.max_mem = CMDLINE_RE_MAX_MEM
-    try:
-        return re2.compile(_GO_NAMED_GROUP.sub("(?P<", pattern), options), None
-    except re2.error as exc:
-        reason = exc.args[0] if exc.args else exc
-        text = reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
-        return None, text[:200]
 
 
 def regex_text(argv: Sequence[str]) -> str:
@@ -384,9 +370,15 @@ def _parse_item(item: Any, problems: Problems, where: str) -> GroupMatcher | Non
                      "{{.ExeBase}} comes from a process)")
     regexes = []
     for j, pattern in enumerate(cmdline or ()):
-        compiled, why = compile_cmdline(pattern)
-        if compiled is None:
-            problems.add(f"{where}.cmdline[{j}]", f"invalid regex: {why}")
+        source = _GO_NAMED_GROUP.sub("(?P<", pattern)
+        try:
+            compiled = re.compile(source)
+        except re.error as exc:
+            problems.add(f"{where}.cmdline[{j}]", f"invalid regex: {exc}")
+            continue
+        why = backtracking_risk(source)
+        if why:
+            problems.add(f"{where}.cmdline[{j}]", why)
         else:
             regexes.append(compiled)
     if len(problems.items) > before:
